@@ -260,7 +260,9 @@ def substitute_layer_weights(module, allow_name=None, block_name=None, parameter
 
 
 def _substitute(module, allow_name, block_name, ratio, has_sparse, do_svd, kwargs, prefix, replaced, memo):
-    for name, child in list(module.named_children()):
+    for name, child in list(module._modules.items()):  # not named_children(): it hides aliases
+        if child is None:
+            continue
         qual = prefix + name
         if type(child) is nn.Linear and any(name in a for a in allow_name):
             if id(child) not in memo:  # a Linear shared by two parents stays shared
@@ -396,8 +398,9 @@ class Pruner(object):
             return None
         direction = self.structured_direction
         if direction == "row_col":
-            module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
-            direction = "row" if module in ROW_COL_ROW_NAMES else "col"
+            parts = name.split(".")  # "<...>.query.sparse.weight" -> "query"
+            parts = parts[:-2] if parts[-2:] == ["sparse", "weight"] else parts[:-1]
+            direction = "row" if parts and parts[-1] in ROW_COL_ROW_NAMES else "col"
         return 1 if direction == "row" else 0
 
     @staticmethod
