@@ -37,6 +37,7 @@ __all__ = [
     "low_rank_decomposition", "LinearLoSparse", "substitute_layer_weights", "prune", "Pruner",
     "load_checkpoint", "save_checkpoint", "export_compact", "load_compact", "compression_report",
     "CompressionReport", "CheckpointMismatchError", "add_losparse_args", "validate_losparse_args",
+    "check_distributed_support",
 ]
 
 SVD_METHODS = ("full", "randomized", "auto")
@@ -442,8 +443,14 @@ class Pruner(object):
         """Accumulate ``|p * grad|`` over the window; at its start, fold the last window into the EMA."""
         if self.pruner_name == "Magnitude":
             return  # the score is |p| at mask time
-        params = [(n, p) for n, p in self._masked_params(model) if p.grad is not None]
+        masked = self._masked_params(model)
+        params = [(n, p) for n, p in masked if p.grad is not None]
         if not params:
+            if any(p.requires_grad for _, p in masked):
+                raise RuntimeError(
+                    "Pruner.update_and_pruning: no sparse parameter has a gradient. Call it after "
+                    "loss.backward()/optimizer.step() and before optimizer.zero_grad(); under DeepSpeed ZeRO or "
+                    "FSDP gradients are sharded, which LoSparse does not support (see check_distributed_support).")
             return
         cur = []
         for n, p in params:
@@ -1036,3 +1043,22 @@ def validate_losparse_args(args, total_step=None, check_all=True):
                 f"--initial_warmup ({get('initial_warmup')}) + --final_warmup ({get('final_warmup')}) times "
                 f"--warmup_steps ({get('warmup_steps')}) = {warm} warm-up steps, but the run has only {total_step} "
                 "optimizer steps: lower --warmup_steps or train longer")
+
+
+SUPPORTED_DISTRIBUTED = ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_NPU", "MULTI_XPU", "MULTI_MLU", "MULTI_MUSA",
+                         "MULTI_SDAA", "MULTI_HPU")
+
+
+def check_distributed_support(accelerator):
+    """Stop at start-up, with a message, under DeepSpeed, FSDP or Megatron-LM.
+
+    Their shards hold part of each parameter or gradient, so importance scores and row masks computed on a
+    rank would be wrong. Supported: one process, and data parallel (DDP) on one or several machines.
+    """
+    dt = getattr(getattr(accelerator, "distributed_type", None), "value", str(accelerator.distributed_type))
+    if dt not in SUPPORTED_DISTRIBUTED:
+        raise RuntimeError(
+            f"LoSparse does not support accelerate distributed_type={dt}: DeepSpeed ZeRO, FSDP and Megatron-LM "
+            "shard parameters or gradients, and pruning needs full ones on every rank. Supported: a single "
+            "process, or data parallel with `accelerate launch --multi_gpu --num_processes N` (one or several "
+            "machines; `--cpu` for CPU processes). For the full fine-tuning baseline use --no_losparse.")

@@ -719,3 +719,24 @@ def test_validate_warmups_fit_in_run():
         utils.validate_losparse_args(a, total_step=400)
     b = _parse(["--no_losparse", "--final_threshold", "0.5"])
     utils.validate_losparse_args(b, total_step=10)
+
+
+def test_missing_gradients_raise_instead_of_silently_skipping():
+    model = QKV()
+    utils.substitute_layer_weights(model, ["query"], [], parameter_ratio=0.2)
+    pr = utils.Pruner(model, _args(), total_step=40)
+    with pytest.raises(RuntimeError, match="no sparse parameter has a gradient"):
+        pr.update_and_pruning(model, 3)
+
+
+@pytest.mark.parametrize("dtype,ok", [("NO", True), ("MULTI_GPU", True), ("MULTI_CPU", True),
+                                      ("DEEPSPEED", False), ("FSDP", False), ("MEGATRON_LM", False)])
+def test_check_distributed_support(dtype, ok):
+    from accelerate.utils import DistributedType
+
+    fake = argparse.Namespace(distributed_type=DistributedType(dtype))
+    if ok:
+        utils.check_distributed_support(fake)
+    else:
+        with pytest.raises(RuntimeError, match=f"distributed_type={dtype}.*Supported: a single process"):
+            utils.check_distributed_support(fake)
