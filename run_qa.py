@@ -152,8 +152,6 @@ def parse_args(argv=None):
                         help='The integration to report the results and logs to. Supported platforms are '
                              '`"tensorboard"`, `"wandb"`, `"comet_ml"` and `"clearml"`. Use `"all"` (default) to '
                              "report to all integrations. Only applicable when `--with_tracking` is passed.")
-    parser.add_argument("--export_compact", action="store_true",
-                        help="Also write a compact LoSparse export (utils.export_compact) to <output_dir>/compact.")
     utils.add_losparse_args(parser)
     args = parser.parse_args(argv)
     _check_args(parser, args)
@@ -323,7 +321,10 @@ def main():
         transformers.utils.logging.set_verbosity_error()
         logging.getLogger("losparse").setLevel(logging.WARNING)
     if not args.no_losparse:
-        utils.check_distributed_support(accelerator)
+        try:
+            utils.check_distributed_support(accelerator)
+        except RuntimeError as e:
+            raise SystemExit(f"run_qa.py: error: {e}")
 
     # If passed along, set the training seed now.
     if args.seed is not None:
@@ -692,7 +693,7 @@ def main():
                 tokenizer.save_pretrained(args.output_dir)
                 # The original key layout (left/right/sparse), what --eval_checkpoint loads.
                 utils.save_checkpoint(unwrapped_model, os.path.join(args.output_dir, "pytorch_model.bin"))
-                if args.export_compact and not args.no_losparse:
+                if not args.no_losparse:  # only L, R and the kept rows of S (utils.load_compact)
                     utils.export_compact(unwrapped_model, os.path.join(args.output_dir, "compact"),
                                          tokenizer=tokenizer, losparse_args=args)
             save_prefixed_metrics(results, args.output_dir)

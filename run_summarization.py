@@ -321,8 +321,6 @@ def parse_args(argv=None):
     parser.add_argument("--sentence_splitter", type=str, default="auto", choices=list(SENTENCE_SPLITTERS),
                         help="Sentence splitter for ROUGE-Lsum: nltk's punkt (needs its data installed), the data-free "
                              "regex fallback, or auto (punkt when available).")
-    parser.add_argument("--export_compact", action="store_true",
-                        help="Also write a compact LoSparse export (utils.export_compact) to <output_dir>/compact.")
 
     # LoSparse flags shared by run_glue.py, run_qa.py and run_summarization.py.
     utils.add_losparse_args(parser)
@@ -477,7 +475,10 @@ def main():
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
                               **accelerator_log_kwargs)
     if not args.no_losparse:
-        utils.check_distributed_support(accelerator)
+        try:
+            utils.check_distributed_support(accelerator)
+        except RuntimeError as e:
+            raise SystemExit(f"run_summarization.py: error: {e}")
     if args.source_prefix is None and args.model_name_or_path in ["t5-small", "t5-base", "t5-large", "t5-3b", "t5-11b"]:
         logger.warning("You're running a t5 model but didn't provide a source prefix, which is the expected, e.g. "
                        "with `--source_prefix 'summarize: ' `")
@@ -833,7 +834,7 @@ def main():
             tokenizer.save_pretrained(args.output_dir)
             # The LoSparse checkpoint in the original key layout (what --eval_checkpoint loads).
             utils.save_checkpoint(unwrapped_model, os.path.join(args.output_dir, "pytorch_model.bin"))
-            if args.export_compact and not args.no_losparse:
+            if not args.no_losparse:  # only L, R and the kept rows of S (utils.load_compact)
                 utils.export_compact(unwrapped_model, os.path.join(args.output_dir, "compact"), tokenizer=tokenizer,
                                      losparse_args=args)
             with open(os.path.join(args.output_dir, "generated_predictions.txt"), "w", encoding="utf-8") as f:

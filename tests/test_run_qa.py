@@ -90,7 +90,7 @@ def test_train_eval_then_eval_only_reproduces(assets, tmp_path, kind):
     proc = run_qa(["--model_name_or_path", assets[kind], "--train_file", assets["train"], "--validation_file",
                    assets["dev"], *WINDOW, "--per_device_train_batch_size", 8, "--num_train_epochs", 3,
                    "--learning_rate", 1e-3, "--seed", 0, "--eval_steps", 10, *LOSPARSE, "--output_dir", out]
-                  + (["--pad_to_max_length"] if kind == "deberta" else ["--export_compact"]))
+                  + (["--pad_to_max_length"] if kind == "deberta" else []))
     log = proc.stdout + proc.stderr
     n_examples, n_features = map(int, re.search(r"Num examples = (\d+) \((\d+) features\)", log).groups())
     assert n_examples == 24 and n_features > n_examples  # long contexts were split into windows
@@ -99,7 +99,7 @@ def test_train_eval_then_eval_only_reproduces(assets, tmp_path, kind):
 
     res = results(out)
     for f in ("predictions.json", "nbest_predictions.json", "pytorch_model.bin", "model.safetensors", "config.json",
-              "tokenizer.json"):
+              "tokenizer.json", "compact/model.safetensors", "compact/losparse_config.json"):
         assert (out / f).is_file(), f
     assert not (out / "null_odds.json").exists()
     predictions = json.loads((out / "predictions.json").read_text())

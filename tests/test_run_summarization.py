@@ -97,8 +97,7 @@ def trained(assets):
     """LoSparse: 24 optimizer steps (6 epochs of 4), pruning from step 4 to 16, final 20 % of S for the last 8."""
     out = assets["root"] / "trained"
     args = base_args(assets, out) + LOSPARSE + ["--max_train_steps", 24, "--learning_rate", 5e-3,
-                                                "--checkpointing_steps", "epoch", "--with_tracking",
-                                                "--export_compact"]
+                                                "--checkpointing_steps", "epoch", "--with_tracking"]
     proc = run(args)
     return {"out": out, "args": args, "log": proc.stdout + proc.stderr}
 
