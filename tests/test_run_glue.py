@@ -579,6 +579,21 @@ def test_eval_glue_sh(tmp_path):
                    ("bert-base-uncased", "mnli", "bert_mnli_50_distil.bin", 0)}
 
 
+
+def test_eval_glue_distil_sh(tmp_path):
+    for name in ("bert_mnli_25_distil", "bert_rte_50_distil"):
+        (tmp_path / f"{name}.bin").write_bytes(b"")
+    (args,) = _script_commands("eval_glue_distil.sh", tmp_path, CKPT_DIR=str(tmp_path))
+    assert (args.model_name_or_path, args.task_name, args.eval_checkpoint, args.num_train_epochs) == \
+        ("bert-base-uncased", "mnli", str(tmp_path / "bert_mnli_25_distil.bin"), 0)
+    (args,) = _script_commands("eval_glue_distil.sh", tmp_path, "bert_rte_50_distil", CKPT_DIR=str(tmp_path))
+    assert (args.task_name, args.eval_checkpoint) == ("rte", str(tmp_path / "bert_rte_50_distil.bin"))
+    import subprocess
+
+    proc = subprocess.run(["bash", str(REPO / "eval_glue_distil.sh"), "deberta_mnli_20"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and "not a distilled checkpoint" in proc.stderr
+
 # ----------------------------------------------------------------------------------------------------
 # Helpers: metrics and distillation losses
 # ----------------------------------------------------------------------------------------------------
