@@ -107,3 +107,8 @@ def run_script(script, args, cwd=None, timeout=900, extra_env=None):
     env.update(extra_env or {})
     cmd = [sys.executable, str(REPO / script)] + [str(a) for a in args]
     return subprocess.run(cmd, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs a real pretrained model (about a minute on CPU); CI runs it too. "
+                                       "Skip with -m 'not slow'.")
