@@ -369,8 +369,10 @@ def exact_match_score(prediction, ground_truth):
 
 def f1_score(prediction, ground_truth):
     """SQuAD v1.1 token F1 of the normalised strings (bag of tokens); 0 when they share no token."""
-    pred_tokens = normalize_answer(prediction).split()
-    gold_tokens = normalize_answer(ground_truth).split()
+    return _token_f1(normalize_answer(prediction).split(), normalize_answer(ground_truth).split())
+
+
+def _token_f1(pred_tokens, gold_tokens):
     num_same = sum((collections.Counter(pred_tokens) & collections.Counter(gold_tokens)).values())
     if num_same == 0:
         return 0.0
@@ -390,12 +392,7 @@ def compute_f1(a_gold, a_pred):
     pred_toks = normalize_answer(a_pred).split() if a_pred else []
     if len(gold_toks) == 0 or len(pred_toks) == 0:
         return float(gold_toks == pred_toks)
-    num_same = sum((collections.Counter(gold_toks) & collections.Counter(pred_toks)).values())
-    if num_same == 0:
-        return 0.0
-    precision = num_same / len(pred_toks)
-    recall = num_same / len(gold_toks)
-    return 2 * precision * recall / (precision + recall)
+    return _token_f1(pred_toks, gold_toks)
 
 
 def _missing(predictions, references):
