@@ -431,11 +431,6 @@ def main(argv=None):
     if train_stored:
         _load_checkpoint_or_exit(model, args.stored_model_path, "--stored_model_path")
         utils.prune(model)  # keep only the nonzero rows of S; they are trained, no further pruning
-        # A layer left with no row of S has an empty parameter that its forward never uses; under DDP a trainable
-        # parameter without a gradient stops the run at the second step, so freeze those (nothing to train).
-        for p in model.parameters():
-            if p.numel() == 0:
-                p.requires_grad_(False)
     if args.eval_checkpoint is not None:
         _load_checkpoint_or_exit(model, args.eval_checkpoint, "--eval_checkpoint")
 

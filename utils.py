@@ -181,15 +181,26 @@ class LinearLoSparse(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, x):
-        """Y = X (LR)^T + X S^T + B. The bias rides in the GEMM epilogue, so autocast keeps one dtype."""
-        y = F.linear(self.right(x), self.left.weight, self.bias)
-        if self.has_sparse:
-            if self.is_compacted:
-                if self.nonzero_idx.numel():
-                    y = y.index_add(-1, self.nonzero_idx, F.linear(x, self.sparse_weight_pruned).to(y.dtype))
-            else:
-                y = y + self.sparse(x)
-        return y
+        """Y = X (LR)^T + X S^T + B. The bias rides in the GEMM epilogue, so autocast keeps one dtype.
+
+        Compacted, the cost is that of the parameters: ``X [R; S_kept]^T`` is one GEMM (x is read once)
+        when x has at least ``r + k`` rows (below that, copying the weights together costs more than
+        reading x twice), then ``H L^T + B`` and an in-place ``index_add_`` of the k sparse columns into
+        the output's last (contiguous) dimension. No state depends on the input shape; nothing is cached.
+        """
+        if not self.has_sparse:
+            return F.linear(self.right(x), self.left.weight, self.bias)
+        if not self.is_compacted:
+            return F.linear(self.right(x), self.left.weight, self.bias).add_(self.sparse(x))
+        r, k = self.reduced_rank, self.nonzero_idx.numel()
+        if k == 0:
+            return F.linear(self.right(x), self.left.weight, self.bias)
+        if x.numel() >= (r + k) * x.shape[-1]:
+            t = F.linear(x, torch.cat([self.right.weight, self.sparse_weight_pruned]))
+            h, z = t[..., :r], t[..., r:]
+        else:
+            h, z = self.right(x), F.linear(x, self.sparse_weight_pruned)
+        return F.linear(h, self.left.weight, self.bias).index_add_(-1, self.nonzero_idx, z)
 
     # -- weights --------------------------------------------------------------------------------------
     def initialize_weight(self, left_weight, right_weight, sparse_weight=None, bias=None):
@@ -212,7 +223,9 @@ class LinearLoSparse(nn.Module):
     def _set_compact(self, rows, idx, requires_grad=True):
         if hasattr(self, "sparse"):
             del self.sparse
-        self.sparse_weight_pruned = nn.Parameter(rows, requires_grad=requires_grad)
+        # No kept row: the forward never uses the (empty) parameter, so it must not ask for a gradient (under
+        # DDP a trainable parameter without one stops the run).
+        self.sparse_weight_pruned = nn.Parameter(rows, requires_grad=requires_grad and rows.numel() > 0)
         self.nonzero_idx = idx.to(device=rows.device, dtype=torch.long)
 
     def merged_weight(self):
@@ -411,8 +424,8 @@ class Pruner(object):
                     getattr(p, "_is_sharded", False) or type(p).__name__ == "DTensor":
                 raise RuntimeError(
                     f"Pruner: parameter {n!r} is sharded (DeepSpeed ZeRO-3 / FSDP). LoSparse pruning needs full "
-                    "parameters and gradients on every rank: use single-process, DDP (accelerate launch "
-                    "--multi_gpu), or DeepSpeed ZeRO stage 0/1.")
+                    "parameters and gradients on every rank: use a single process or DDP (accelerate launch "
+                    "--multi_gpu); see utils.check_distributed_support.")
 
     # -- schedule -------------------------------------------------------------------------------------
     def schedule_threshold_comb(self, step: int):
@@ -1056,6 +1069,13 @@ def check_distributed_support(accelerator):
     rank would be wrong. Supported: one process, and data parallel (DDP) on one or several machines.
     """
     dt = getattr(getattr(accelerator, "distributed_type", None), "value", str(accelerator.distributed_type))
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(
+            f"WORLD_SIZE={world} but accelerate runs this process alone (distributed_type={dt}): the {world} "
+            "processes would train independently and overwrite each other's output. On CPU launch with "
+            "ACCELERATE_USE_CPU=1 (or `accelerate launch --cpu` with a multi-CPU config); on GPUs check that "
+            "CUDA is visible to every process.")
     if dt not in SUPPORTED_DISTRIBUTED:
         raise RuntimeError(
             f"LoSparse does not support accelerate distributed_type={dt}: DeepSpeed ZeRO, FSDP and Megatron-LM "

@@ -247,6 +247,13 @@ def test_prune_sparse_keeps_rows_with_any_nonzero():
     assert sorted(layer.state_dict()) == ["bias", "left.weight", "nonzero_idx", "right.weight",
                                           "sparse_weight_pruned"]
     assert "rank=2" in repr(layer) and "sparse_rows=3/5" in repr(layer)
+    assert layer.sparse_weight_pruned.requires_grad
+    empty = utils.LinearLoSparse(4, 5, 2)
+    with torch.no_grad():
+        empty.sparse.weight.zero_()
+    empty.prune_sparse()
+    # no kept row: an empty, frozen parameter (DDP stops on trainable parameters that never get a gradient)
+    assert empty.sparse_weight_pruned.shape == (0, 4) and not empty.sparse_weight_pruned.requires_grad
 
 
 @pytest.mark.parametrize("kind,head", [("bert", "seq_cls"), ("deberta", "seq_cls"), ("bart", "seq2seq")])
@@ -740,3 +747,15 @@ def test_check_distributed_support(dtype, ok):
     else:
         with pytest.raises(RuntimeError, match=f"distributed_type={dtype}.*Supported: a single process"):
             utils.check_distributed_support(fake)
+
+
+def test_check_distributed_support_refuses_lone_processes(monkeypatch):
+    """torchrun on a machine where accelerate does not initialise torch.distributed: N independent runs."""
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="WORLD_SIZE=2 but accelerate runs this process alone"):
+        utils.check_distributed_support(argparse.Namespace(distributed_type=DistributedType.NO, num_processes=1))
+    utils.check_distributed_support(argparse.Namespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    utils.check_distributed_support(argparse.Namespace(distributed_type=DistributedType.NO, num_processes=1))
