@@ -28,3 +28,34 @@ def test_readme_snippet_runs(tmp_path, monkeypatch):
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(small(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def _parser_flags(module):
+    """Every --flag of a script's parser (its parse_args is run with --help, which exits after parsing)."""
+    import argparse
+
+    seen = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def capture(self, *a, **k):
+        seen["parser"] = self
+        raise SystemExit(0)
+
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        with pytest.raises(SystemExit):
+            module.parse_args([]) if module.parse_args.__code__.co_argcount else module.parse_args()
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    return {s for a in seen["parser"]._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
+
+
+@pytest.mark.parametrize("script", ["run_glue", "run_qa", "run_summarization"])
+def test_every_flag_is_in_the_readme(script):
+    import importlib
+
+    text = (REPO / "README.md").read_text()
+    flags = _parser_flags(importlib.import_module(script))
+    assert len(flags) > 40
+    missing = sorted(f for f in flags if not re.search(re.escape(f) + r"(?![\w])", text))
+    assert missing == []
