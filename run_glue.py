@@ -311,14 +311,11 @@ class TrainState:
 
 
 def _latest_checkpoint(output_dir):
-    found = []
-    for d in os.scandir(output_dir):
-        m = CHECKPOINT_DIR.match(d.name)
-        if d.is_dir() and m:
-            found.append((os.path.getmtime(d.path), d.path))
-    if not found:
-        raise SystemExit(f"run_glue.py: error: --resume_from_checkpoint latest: no step_N/epoch_N folder in {output_dir}")
-    return max(found)[1]
+    """The most recently written ``step_<n>`` / ``epoch_<i>`` folder in ``output_dir``, or None."""
+    if not os.path.isdir(output_dir):
+        return None
+    found = [d.path for d in os.scandir(output_dir) if d.is_dir() and CHECKPOINT_DIR.match(d.name)]
+    return max(found, key=os.path.getmtime) if found else None
 
 
 def _load_checkpoint_or_exit(model, path, flag):
@@ -660,10 +657,13 @@ def main(argv=None):
         progress_bar = tqdm(range(args.max_train_steps), disable=not accelerator.is_local_main_process)
         starting_epoch, resume_batches = 0, 0
         # Potentially load in the weights and states from a previous save
-        if args.resume_from_checkpoint:
-            checkpoint_path = args.resume_from_checkpoint
-            if checkpoint_path == "latest":
-                checkpoint_path = _latest_checkpoint(args.output_dir)
+        checkpoint_path = args.resume_from_checkpoint
+        if checkpoint_path == "latest":  # e.g. a job that is resubmitted until it finishes
+            checkpoint_path = _latest_checkpoint(args.output_dir)
+            if checkpoint_path is None:
+                logger.info(f"--resume_from_checkpoint latest: no step_N / epoch_N folder in {args.output_dir} yet, "
+                            "starting from scratch")
+        if checkpoint_path:
             accelerator.print(f"Resumed from checkpoint: {checkpoint_path}")
             accelerator.load_state(checkpoint_path)
             completed_steps = train_state.completed_steps

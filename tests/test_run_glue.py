@@ -428,8 +428,8 @@ def test_latest_checkpoint(tmp_path):
         (tmp_path / name).mkdir()
         os.utime(tmp_path / name, (time.time() + i, time.time() + i))
     assert run_glue._latest_checkpoint(str(tmp_path)).endswith("step_12")
-    with pytest.raises(SystemExit, match="no step_N/epoch_N folder"):
-        run_glue._latest_checkpoint(str(tmp_path / "notes"))
+    assert run_glue._latest_checkpoint(str(tmp_path / "notes")) is None  # nothing yet: start from scratch
+    assert run_glue._latest_checkpoint(str(tmp_path / "missing")) is None
 
 
 def test_mnli_hub_layout_matched_and_mismatched(assets, tmp_path, monkeypatch):
