@@ -393,6 +393,8 @@ class Pruner(object):
         # Statistics per (unwrapped) parameter name; reduced to rows/columns on the fast path.
         self.ipt, self.exp_avg_ipt, self.exp_avg_unc = {}, {}, {}
         self.reduced = pruner_name == "PLATON" and self.beta2 == 1.0 and structured_method in ("mean", "sum")
+        self._groups, self._stats_key = [], None  # flat statistics per device (see _ensure_stats)
+        self._weights = None  # (layout, multiplicity of every score) for the threshold
         self._nonfinite = None  # device counter of skipped updates (read only at mask steps: no sync)
         self._nonfinite_reported = 0
         self._check_sharding(model)
@@ -444,78 +446,124 @@ class Pruner(object):
     cubic_remaining_ratio = schedule_threshold_comb
 
     # -- importance -----------------------------------------------------------------------------------
-    def _reduce(self, t, axis):
-        if axis is None:
-            return t.float()
-        if self.structured_method == "mean":
-            return t.mean(dim=axis, dtype=torch.float32)
-        return t.sum(dim=axis, dtype=torch.float32)
+    # The statistics of all masked matrices live in one flat float32 tensor per device and kind (``ipt``,
+    # ``exp_avg_ipt``, ``exp_avg_unc``), one segment per matrix: its rows/columns on the reduced path, every
+    # entry otherwise. A window step is then two kernels per matrix (``S * G`` and its L1 norm written
+    # straight into the segment) plus a handful for all matrices together (EMA, window average, the
+    # non-finite guard): on a GPU each op is a launch. ``self.ipt[name]`` etc. are views of the segments.
+    def _stat_kinds(self):
+        return ("ipt", "exp_avg_ipt") + (("exp_avg_unc",) if self.beta2 > 0 and self.beta2 != 1 else ())
+
+    def _ensure_stats(self, params):
+        """(Re)build the flat statistics for ``params`` (name, parameter), keeping the values of known names."""
+        key = tuple((n, tuple(p.shape), p.device) for n, p in params)
+        if key == self._stats_key:
+            return
+        old = {kind: {n: t.detach() for n, t in getattr(self, kind).items()} for kind in self._stat_kinds()}
+        by_device = {}
+        for n, p in params:
+            axis = self._axis(n, p) if self.reduced else None
+            shape = (p.shape[1 - axis],) if axis is not None else tuple(p.shape)
+            by_device.setdefault(p.device, []).append((n, axis, shape, 1 if axis is None else p.shape[axis]))
+        self._groups = []
+        for kind in self._stat_kinds():
+            setattr(self, kind, {})
+        for dev, segs in by_device.items():
+            segments, total = [], 0
+            for n, axis, shape, _ in segs:
+                segments.append((n, axis, shape, total, math.prod(shape)))
+                total += math.prod(shape)
+            flat = {kind: torch.zeros(total, dtype=torch.float32, device=dev) for kind in self._stat_kinds()}
+            for kind in self._stat_kinds():
+                for n, _, shape, off, size in segments:
+                    view = flat[kind][off:off + size].view(shape)
+                    if n in old[kind] and old[kind][n].numel() == size:
+                        view.copy_(old[kind][n].reshape(shape))
+                    getattr(self, kind)[n] = view
+            scale = None
+            if self.reduced and self.structured_method == "mean":  # the L1 norm is a sum: divide by the length
+                scale = torch.cat([torch.full((size,), 1.0 / length, device=dev)
+                                   for (_, _, _, length), (_, _, _, _, size) in zip(segs, segments)])
+            cur = torch.empty(total, dtype=torch.float32, device=dev)  # this step's |S * G|, reused every step
+            drop = torch.empty(total, dtype=torch.bool, device=dev)  # the mask step's rows (entries) to zero
+            self._groups.append({
+                "device": dev, "segments": segments, "flat": flat, "scale": scale, "cur": cur, "drop": drop,
+                "cur_views": [cur[off:off + size].view(shape) for _, _, shape, off, size in segments],
+                "drop_views": [drop[off:off + size].view(shape) if axis is None else
+                               drop[off:off + size].unsqueeze(axis) for _, axis, shape, off, size in segments],
+                "mult": [length for _, _, _, length in segs]})
+        self._stats_key = key
 
     @torch.no_grad()
     def update_ipt_with_local_window(self, model, global_step):
         """Accumulate ``|p * grad|`` over the window; at its start, fold the last window into the EMA."""
         if self.pruner_name == "Magnitude":
             return  # the score is |p| at mask time
-        masked = self._masked_params(model)
-        params = [(n, p) for n, p in masked if p.grad is not None]
-        if not params:
-            if any(p.requires_grad for _, p in masked):
+        masked = [(n, p) for n, p in self._masked_params(model) if p.requires_grad]
+        grads = {n: p.grad for n, p in masked if p.grad is not None}
+        if not grads:
+            if masked:
                 raise RuntimeError(
                     "Pruner.update_and_pruning: no sparse parameter has a gradient. Call it after "
                     "loss.backward()/optimizer.step() and before optimizer.zero_grad(); under DeepSpeed ZeRO or "
                     "FSDP gradients are sharded, which LoSparse does not support (see check_distributed_support).")
             return
-        cur = []
-        for n, p in params:
-            s = torch.mul(p, p.grad).abs_()
-            cur.append(self._reduce(s, self._axis(n, p) if self.reduced else None))
-        finite = torch.stack([torch.isfinite(c).all() for c in cur]).all()
+        self._ensure_stats(masked)
+        params = dict(masked)
+        local_step = global_step % self.deltaT
+        update_step = global_step // self.deltaT
+        b1, b2 = self.beta1, self.beta2
+        curs, presents = [], []
+        for g in self._groups:
+            cur, present = g["cur"], None
+            for (n, axis, shape, off, size), out in zip(g["segments"], g["cur_views"]):
+                if n not in grads:  # no gradient this step (unused branch): leave this matrix's statistics alone
+                    present = torch.ones_like(cur, dtype=torch.bool) if present is None else present
+                    present[off:off + size] = False
+                    out.zero_()
+                    continue
+                s = torch.mul(params[n], grads[n])
+                if axis is None:
+                    torch.abs(s, out=out)
+                else:  # sum_j |s_ij| (or over i), accumulated in float32
+                    torch.linalg.vector_norm(s, 1, dim=axis, dtype=torch.float32, out=out)
+            if g["scale"] is not None:
+                cur.mul_(g["scale"])
+            curs.append(cur)
+            presents.append(present)
+        finite = torch.isfinite(curs[0]).all()
+        for cur in curs[1:]:
+            finite = finite & torch.isfinite(cur).all().to(finite.device)
         if self._nonfinite is None:
             self._nonfinite = torch.zeros((), dtype=torch.long, device=finite.device)
         self._nonfinite += (~finite).long()
 
-        local_step = global_step % self.deltaT
-        update_step = global_step // self.deltaT
-        b1, b2 = self.beta1, self.beta2
-        for (n, p), c in zip(params, cur):
-            if n not in self.ipt:
-                self.ipt[n] = torch.zeros_like(c)
-                self.exp_avg_ipt[n] = torch.zeros_like(c)
-                if b2 > 0 and b2 != 1:
-                    self.exp_avg_unc[n] = torch.zeros_like(c)
-            ipt, avg = self.ipt[n].to(c.device), self.exp_avg_ipt[n].to(c.device)
+        for g, cur, present in zip(self._groups, curs, presents):
+            ok = finite.to(cur.device) if present is None else present & finite.to(cur.device)
+            ipt, avg = g["flat"]["ipt"], g["flat"]["exp_avg_ipt"]
             if local_step == 0:
                 new_avg = b1 * avg + (1 - b1) * ipt
-                if n in self.exp_avg_unc:
-                    unc = self.exp_avg_unc[n].to(c.device)
+                if "exp_avg_unc" in g["flat"]:
+                    unc = g["flat"]["exp_avg_unc"]
                     if 0 < b2 < 1:
-                        new_unc = b2 * unc + (1 - b2) * (ipt - new_avg).abs()
+                        unc.copy_(torch.where(ok, b2 * unc + (1 - b2) * (ipt - new_avg).abs(), unc))
                     elif b2 == 2:
-                        new_unc = (update_step * unc + (ipt - new_avg) ** 2) / (update_step + 1)
-                    else:
-                        new_unc = unc
-                    self.exp_avg_unc[n] = torch.where(finite, new_unc, unc)
-                self.exp_avg_ipt[n] = torch.where(finite, new_avg, avg)
-                self.ipt[n] = torch.where(finite, c, ipt)
+                        unc.copy_(torch.where(ok, (update_step * unc + (ipt - new_avg) ** 2) / (update_step + 1), unc))
+                avg.copy_(torch.where(ok, new_avg, avg))
+                ipt.copy_(torch.where(ok, cur, ipt))
             else:
-                self.ipt[n] = torch.where(finite, (ipt * local_step + c) / (local_step + 1), ipt)
+                ipt.copy_(torch.where(ok, (ipt * local_step + cur) / (local_step + 1), ipt))
 
-    def _score(self, n, p):
-        """Importance of ``p`` (element-wise, or per row/column on the reduced path)."""
-        if self.pruner_name == "Magnitude":
-            return p.detach().abs().float()
-        if n not in self.exp_avg_ipt:
-            return torch.zeros(p.shape[1 - self._axis(n, p)] if self.reduced and self._axis(n, p) is not None
-                               else p.shape, device=p.device)
-        avg, ipt = self.exp_avg_ipt[n].to(p.device), self.ipt[n].to(p.device)
-        b2 = self.beta2
+    def _flat_scores(self, g):
+        """Scores of one device group's flat statistics (element-wise, or per row/column when reduced)."""
+        avg, b2 = g["flat"]["exp_avg_ipt"], self.beta2
         if 0 < b2 < 1:
-            return avg * self.exp_avg_unc[n].to(p.device)
+            return avg * g["flat"]["exp_avg_unc"]
         if b2 == 1:
             return avg
         if b2 == 2:
-            return avg * self.exp_avg_unc[n].to(p.device).sqrt()
-        return avg * (ipt - avg).abs()
+            return avg * g["flat"]["exp_avg_unc"].sqrt()
+        return avg * (g["flat"]["ipt"] - avg).abs()
 
     def _aggregate(self, score, n, p):
         """Return ``(scores, multiplicity, axis)``: one score per row/column (or per entry)."""
@@ -534,15 +582,50 @@ class Pruner(object):
                 score = score.amin(dim=axis)
         return score, p.shape[axis], axis
 
+    def _in_layout(self, params):
+        """The statistics' only group when its segments are ``params`` in order and need no aggregation."""
+        if self.pruner_name == "Magnitude" or not (self.reduced or self.structured_method is None):
+            return None
+        self._ensure_stats([(n, p) for n, p in params if p.requires_grad])
+        if len(self._groups) == 1 and [s[0] for s in self._groups[0]["segments"]] == [n for n, _ in params]:
+            return self._groups[0]
+        return None
+
+    def _all_scores(self, params):
+        """``(scores, multiplicities, lengths, axes)`` of every masked matrix, scores concatenated in order."""
+        device = params[0][1].device
+        if self.pruner_name == "Magnitude":
+            per = [self._aggregate(p.detach().abs().float(), n, p) for n, p in params]
+        else:
+            self._ensure_stats([(n, p) for n, p in params if p.requires_grad])
+            flats = {s[0]: (g, s) for g in self._groups for s in g["segments"]}
+            scored = {id(g): self._flat_scores(g) for g in self._groups}
+            per = []
+            for n, p in params:
+                if n in flats:
+                    g, (_, _, shape, off, size) = flats[n]
+                    score = scored[id(g)][off:off + size].view(shape)
+                else:  # frozen: never scored
+                    score = torch.zeros(p.shape[1 - self._axis(n, p)] if self.reduced and self._axis(n, p)
+                                        is not None else p.shape, device=p.device)
+                per.append(self._aggregate(score, n, p))
+        scores = torch.cat([s.reshape(-1).float().to(device) for s, _, _ in per])
+        return scores, [m for _, m, _ in per], [s.numel() for s, _, _ in per], [a for _, _, a in per]
+
     @torch.no_grad()
     def mask_with_threshold(self, model, threshold):
         """Zero the lowest-scoring rows (entries) so that a fraction ``threshold`` of S is kept."""
         params = self._masked_params(model)
         if not params:
             return None
-        groups = [(n, p) + self._aggregate(self._score(n, p), n, p) for n, p in params]
         device = params[0][1].device
-        scores = torch.cat([g[2].reshape(-1).float().to(device) for g in groups])
+        group = self._in_layout(params)
+        if group is not None:  # scores, multiplicities and drop masks straight from the flat statistics
+            scores = self._flat_scores(group)
+            scores = scores.clone() if scores is group["flat"]["exp_avg_ipt"] else scores
+            mult, lengths = group["mult"], [s[4] for s in group["segments"]]
+        else:
+            scores, mult, lengths, axes = self._all_scores(params)
         scores = _broadcast_from_rank0(scores)
         if self._nonfinite is not None:
             skipped = int(self._nonfinite)
@@ -550,8 +633,6 @@ class Pruner(object):
                 logger.warning("Pruner: %d update(s) with non-finite gradients were skipped so far",
                                skipped)
                 self._nonfinite_reported = skipped
-        mult = [g[3] for g in groups]
-        lengths = [g[2].numel() for g in groups]
         total = sum(m * l for m, l in zip(mult, lengths))
         k = int(total * (1 - threshold))
         if k <= 0:
@@ -559,15 +640,24 @@ class Pruner(object):
         elif all(m == 1 for m in mult):
             mask_threshold = torch.kthvalue(scores, k)[0].item()
         else:
-            weights = torch.cat([torch.full((l,), m, dtype=torch.float64, device=device)
-                                 for m, l in zip(mult, lengths)])
+            key = (tuple(mult), tuple(lengths), device)
+            if self._weights is None or self._weights[0] != key:  # the same every mask step: build it once
+                self._weights = (key, torch.cat([torch.full((l,), m, dtype=torch.float64, device=device)
+                                                 for m, l in zip(mult, lengths)]))
+            weights = self._weights[1]
             sorted_scores, order = scores.sort()
             cum = weights[order].cumsum(0)
             pos = torch.searchsorted(cum, torch.tensor([float(k)], dtype=torch.float64, device=device))
             mask_threshold = sorted_scores[pos.clamp(max=sorted_scores.numel() - 1)].item()
+        if group is not None:
+            torch.lt(scores, mask_threshold, out=group["drop"])
+            for (_, p), drop in zip(params, group["drop_views"]):
+                p.masked_fill_(drop, 0.0)
+            return mask_threshold
+        drop_all = scores < mask_threshold
         offset = 0
-        for (n, p, s, m, axis), l in zip(groups, lengths):
-            drop = scores[offset:offset + l] < mask_threshold
+        for (n, p), axis, l in zip(params, axes, lengths):
+            drop = drop_all[offset:offset + l].to(p.device)
             offset += l
             if axis is None:
                 p.masked_fill_(drop.view(p.shape), 0.0)
@@ -608,17 +698,19 @@ class Pruner(object):
         if layout != self._layout():
             raise ValueError(f"Pruner.load_state_dict: saved with {layout}, this pruner is {self._layout()}; "
                              "use the same --pruner_name/--beta2/--structured_method/--structured_direction")
+        # Kept as plain tensors until the next step lays them out next to the parameters (_ensure_stats).
         self.ipt = dict(state_dict["ipt"])
         self.exp_avg_ipt = dict(state_dict["exp_avg_ipt"])
         self.exp_avg_unc = dict(state_dict["exp_avg_unc"])
+        self._groups, self._stats_key = [], None
         self._nonfinite = torch.tensor(int(state_dict.get("nonfinite_steps", 0)))
         self._nonfinite_reported = int(state_dict.get("nonfinite_reported", 0))
-        dev = next((p.device for _, p in self._masked_params(self.model)), None) if self.model is not None else None
-        if dev is not None:
-            for d in (self.ipt, self.exp_avg_ipt, self.exp_avg_unc):
-                for n in d:
-                    d[n] = d[n].to(dev)
-            self._nonfinite = self._nonfinite.to(dev)
+        masked = [(n, p) for n, p in self._masked_params(self.model) if p.requires_grad] if self.model is not None \
+            else []
+        if masked and self.pruner_name != "Magnitude":
+            self._ensure_stats(masked)
+        if masked:
+            self._nonfinite = self._nonfinite.to(masked[0][1].device)
 
 
 def _broadcast_from_rank0(t):
