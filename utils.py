@@ -126,6 +126,61 @@ def low_rank_decomposition(weight, rank_ratio=0.1, parameter_ratio=0.15, remove_
 # ----------------------------------------------------------------------------------------------------
 # 2. The layer
 # ----------------------------------------------------------------------------------------------------
+def _merge_pays(rows, in_f, out_f):
+    """Training forward: build ``W = L R + S`` when that is cheaper than the low-rank product of the input.
+
+    Merging costs ``out * in * r`` multiply-adds once per call, the factored path ``rows * r * (in + out)``; both
+    then do the dense ``S`` product. So merge when ``rows >= out * in / (in + out)`` (384 rows for 768 x 768):
+    training batches merge, token-by-token generation stays factored.
+    """
+    return rows * (in_f + out_f) >= in_f * out_f
+
+
+class _MergedLinear(torch.autograd.Function):
+    """``y = x (L R + S)^T + b`` as one dense GEMM on ``W = addmm(S, L, R)``, with W never saved.
+
+    Backward: ``gW = gy^T x`` is the gradient of S, ``gW R^T`` that of L, ``L^T gW`` that of R (the chain rule
+    through W), ``gy W`` that of x, with W rebuilt from the parameters. So a step runs the dense model's GEMMs
+    plus three ``out x r x in`` ones, and keeps the dense model's activations. Under autocast W is built in the
+    parameters' dtype and cast once (``dtype``): the cast copy is what a dense ``nn.Linear`` saves too.
+    """
+
+    @staticmethod
+    def forward(ctx, x, L, R, S, bias, dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            W = torch.addmm(S, L, R)
+            if dtype is not None and dtype != W.dtype:
+                W, x = W.to(dtype), x.to(dtype)
+                bias = None if bias is None else bias.to(dtype)
+            y = F.linear(x, W, bias)
+        # W is a fresh tensor in the parameters' dtype: rebuilding it in backward keeps activation memory at
+        # the dense model's; a cast copy (autocast) is saved, as nn.Linear's cast weight would be.
+        ctx.save_for_backward(x, L, R, S, W if W.dtype != S.dtype else None)
+        ctx.dtype, ctx.has_bias = W.dtype, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, L, R, S, W = ctx.saved_tensors
+        need_x, need_L, need_R, need_S, need_b = ctx.needs_input_grad[:5]
+        gx = gL = gR = gS = gb = None
+        with torch.autocast(gy.device.type, enabled=False):
+            gy = gy.to(ctx.dtype)
+            gy2 = gy.reshape(-1, gy.shape[-1])
+            if need_x:
+                if W is None:
+                    W = torch.addmm(S, L, R)
+                gx = (gy2 @ W).view(*gy.shape[:-1], W.shape[1])
+            if need_L or need_R or need_S:
+                gW = (gy2.t() @ x.reshape(-1, x.shape[-1])).to(S.dtype)
+                gS = gW if need_S else None
+                gL = gW @ R.t() if need_L else None
+                gR = L.t() @ gW if need_R else None
+            if need_b and ctx.has_bias:
+                gb = gy2.sum(0, dtype=torch.float32).to(S.dtype)
+        return gx, gL, gR, gS, gb, None
+
+
 class LinearLoSparse(nn.Module):
     """``y = x (L R + S)^T + b`` with ``left`` = L (out x r), ``right`` = R (r x in), ``sparse`` = S (out x in).
 
@@ -191,7 +246,12 @@ class LinearLoSparse(nn.Module):
         if not self.has_sparse:
             return F.linear(self.right(x), self.left.weight, self.bias)
         if not self.is_compacted:
-            return F.linear(self.right(x), self.left.weight, self.bias).add_(self.sparse(x))
+            if _merge_pays(x.numel() // x.shape[-1], self.in_feature, self.out_feature):
+                dev = x.device.type
+                dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+                return _MergedLinear.apply(x, self.left.weight, self.right.weight, self.sparse.weight, self.bias,
+                                           dtype)
+            return F.linear(self.right(x), self.left.weight, self.bias) + self.sparse(x)
         r, k = self.reduced_rank, self.nonzero_idx.numel()
         if k == 0:
             return F.linear(self.right(x), self.left.weight, self.bias)
