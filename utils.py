@@ -1408,6 +1408,7 @@ def apply_fsdp2(model, accelerator=None, **fully_shard_kwargs):
     mesh = init_device_mesh(device.type, (world,))
     skeleton = _meta_twin(model)
     blocks = _fsdp2_blocks(model)
+    kinds = ", ".join(sorted({type(b).__name__ for b in blocks})) or "none"
     for block in blocks:
         fully_shard(block, mesh=mesh, **kwargs)
     fully_shard(model, mesh=mesh, **kwargs)
@@ -1415,8 +1416,7 @@ def apply_fsdp2(model, accelerator=None, **fully_shard_kwargs):
     local = sum(_local(p).numel() for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
     logger.info("LoSparse: model sharded with FSDP2 (fully_shard) over %d ranks: %d blocks (%s) + the root; this "
-                "rank holds %d of %d parameters", world, len(blocks),
-                ", ".join(sorted({type(b).__name__ for b in blocks})) or "none", local, total)
+                "rank holds %d of %d parameters", world, len(blocks), kinds, local, total)
     if accelerator is not None and not accelerate_fsdp2:
         model = accelerator.prepare_model(model, evaluation_mode=True)  # autocast and save_state, no DDP wrapper
     return model
