@@ -1412,6 +1412,9 @@ def apply_fsdp2(model, accelerator=None, **fully_shard_kwargs):
     for block in blocks:
         fully_shard(block, mesh=mesh, **kwargs)
     fully_shard(model, mesh=mesh, **kwargs)
+    if callable(getattr(model, "generate", None)):  # generate() calls the encoder directly: gather the root first
+        from torch.distributed.fsdp import register_fsdp_forward_method
+        register_fsdp_forward_method(model, "generate")
     _UNSHARDED[model] = skeleton
     local = sum(_local(p).numel() for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
