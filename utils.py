@@ -1329,7 +1329,8 @@ def check_distributed_support(accelerator):
             "processes would train independently and overwrite each other's output. On CPU launch with "
             "ACCELERATE_USE_CPU=1 (or `accelerate launch --cpu` with a multi-CPU config); on GPUs check that "
             "CUDA is visible to every process.")
-    if dt == "FSDP" and getattr(getattr(accelerator.state, "fsdp_plugin", None), "fsdp_version", 1) == 2:
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    if dt == "FSDP" and getattr(plugin, "fsdp_version", 1) == 2:
         return
     if dt not in SUPPORTED_DISTRIBUTED:
         raise RuntimeError(

@@ -376,3 +376,44 @@ def test_fsdp2_resume_is_exact(glue):
             assert torch.equal(sa["scores"][n], sb["scores"][n]), (sa["step"], n)
     for k, v in a0["state_dict"].items():
         assert torch.equal(v, b0["state_dict"][k]) and torch.equal(v, b1["state_dict"][k]), k
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the scripts accept
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("version", [1, 2])
+def test_check_distributed_support_accepts_fsdp2_only(version):
+    """Accelerate's FSDP plugin: version 2 (DTensor row shards) is accepted, version 1 (flat parameters) refused with
+    a message that points to FSDP2."""
+    import argparse
+
+    from accelerate.utils import DistributedType
+
+    import utils
+
+    fake = argparse.Namespace(distributed_type=DistributedType.FSDP, num_processes=2,
+                              state=argparse.Namespace(fsdp_plugin=argparse.Namespace(fsdp_version=version)))
+    if version == 2:
+        utils.check_distributed_support(fake)
+    else:
+        with pytest.raises(RuntimeError, match=r"distributed_type=FSDP with fsdp_version 1.*--fsdp_version 2 .*--fsdp2"):
+            utils.check_distributed_support(fake)
+
+
+def test_fsdp2_flag_and_single_process_fallback(caplog):
+    """--fsdp2 comes with the shared LoSparse flags; with one process there is nothing to shard and the model is
+    returned as it is (with a warning); gathering an unsharded model returns it too."""
+    import argparse
+
+    from torch import nn
+
+    import utils
+
+    parser = argparse.ArgumentParser()
+    utils.add_losparse_args(parser)
+    assert parser.parse_args(["--fsdp2"]).fsdp2 and not parser.parse_args([]).fsdp2
+    model = nn.Sequential(nn.Linear(4, 4))
+    with caplog.at_level("WARNING", logger="losparse"):
+        assert utils.apply_fsdp2(model) is model
+    assert "single process: nothing to shard" in caplog.text
+    assert utils.fsdp2_full_model(model) is model
