@@ -542,7 +542,7 @@ def main(argv=None):
     eval_dataloaders = {split: DataLoader(processed_datasets[split], collate_fn=data_collator,
                                           batch_size=args.per_device_eval_batch_size, generator=torch.Generator())
                         for split in eval_splits}
-    if args.fsdp2 or accelerator.is_fsdp2:  # bigger than one GPU: every rank holds whole rows of each matrix
+    if args.fsdp2 or getattr(accelerator, "is_fsdp2", False):  # bigger than one GPU: ranks hold whole rows
         model = utils.apply_fsdp2(model, accelerator)
     pruner, train_state = None, None
     if do_train:

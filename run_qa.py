@@ -435,7 +435,7 @@ def main():
         predict_dataloader = DataLoader(predict_dataset.remove_columns(["example_id", "offset_mapping"]),
                                         collate_fn=data_collator, batch_size=args.per_device_eval_batch_size)
 
-    if args.fsdp2 or accelerator.is_fsdp2:  # bigger than one GPU: every rank holds whole rows of each matrix
+    if args.fsdp2 or getattr(accelerator, "is_fsdp2", False):  # bigger than one GPU: ranks hold whole rows
         model = utils.apply_fsdp2(model, accelerator)
     if not do_train:
         model, eval_dataloader = accelerator.prepare(model, eval_dataloader)

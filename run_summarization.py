@@ -641,7 +641,7 @@ def main():
         test_dataloader = DataLoader(test_dataset, collate_fn=data_collator, batch_size=args.per_device_eval_batch_size,
                                      generator=torch.Generator().manual_seed(0))
 
-    if args.fsdp2 or accelerator.is_fsdp2:  # bigger than one GPU: every rank holds whole rows of each matrix
+    if args.fsdp2 or getattr(accelerator, "is_fsdp2", False):  # bigger than one GPU: ranks hold whole rows
         model = utils.apply_fsdp2(model, accelerator)
     # Optimizer. Split weights in two groups, one with weight decay and the other not.
     no_decay = ["bias", "LayerNorm.weight", "layer_norm.weight"]

@@ -34,10 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # FSDP2 parameters (torch >= 2.4)
+try:  # FSDP2 parameters
     from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # pragma: no cover
-    _DTensor = None
+except ImportError:  # pragma: no cover  (torch 2.4)
+    try:
+        from torch.distributed._tensor import DTensor as _DTensor
+    except ImportError:
+        _DTensor = None
 
 logger = logging.getLogger("losparse")
 
@@ -422,6 +425,7 @@ class Pruner(object):
         self._weights = None  # (layout, multiplicity of every score) for the threshold
         self._nonfinite = None  # device counter of skipped updates (read only at mask steps: no sync)
         self._nonfinite_reported = 0
+        self._row_sharded, self._sharded_weights = {}, None  # FSDP2 (see _ensure_stats, _sharded_threshold)
         self._check_sharding(model)
 
     # -- which parameters, which axis -----------------------------------------------------------------
@@ -751,7 +755,7 @@ class Pruner(object):
         group = self._shard_group
         first = torch.distributed.get_rank(group) == 0
         key = (tuple(mult), tuple(lengths), tuple(replicated), device)
-        if getattr(self, "_sharded_weights", None) is None or self._sharded_weights[0] != key:
+        if self._sharded_weights is None or self._sharded_weights[0] != key:
             local = torch.cat([torch.full((l,), float(m) if first or not rep else 0.0, dtype=torch.float64,
                                           device=device) for m, l, rep in zip(mult, lengths, replicated)] or
                               [torch.zeros(0, dtype=torch.float64, device=device)])
@@ -790,7 +794,7 @@ class Pruner(object):
 
         FSDP2: the rows of every rank are gathered, so the layout is that of one process (call it on every rank).
         """
-        row_sharded = getattr(self, "_row_sharded", {}) if self._shard_group is not None else {}
+        row_sharded = self._row_sharded if self._shard_group is not None else {}
 
         def full(n, t):
             t = t.detach()
@@ -1389,7 +1393,10 @@ def apply_fsdp2(model, accelerator=None, **fully_shard_kwargs):
         logger.warning("LoSparse: FSDP2 requested with a single process: nothing to shard, training unsharded")
         return model
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+    except ImportError:  # torch 2.4 / 2.5
+        from torch.distributed._composable.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
     if isinstance(model, FSDPModule):
         return model
@@ -1414,7 +1421,6 @@ def apply_fsdp2(model, accelerator=None, **fully_shard_kwargs):
         fully_shard(block, mesh=mesh, **kwargs)
     fully_shard(model, mesh=mesh, **kwargs)
     if callable(getattr(model, "generate", None)):  # generate() calls the encoder directly: gather the root first
-        from torch.distributed.fsdp import register_fsdp_forward_method
         register_fsdp_forward_method(model, "generate")
     _UNSHARDED[model] = skeleton
     local = sum(_local(p).numel() for p in model.parameters())

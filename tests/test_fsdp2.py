@@ -1,4 +1,4 @@
-"""FSDP2 on CPU: 2 processes (torch.distributed.run, gloo) with the model sharded by ``--fsdp2`` / ``utils.apply_fsdp2``.
+"""FSDP2 on CPU: 2 processes (torch.distributed.run, gloo), the model sharded by ``--fsdp2`` / ``utils.apply_fsdp2``.
 
 Every parameter is then a ``DTensor`` holding whole rows on each rank; the Pruner scores and masks the local rows and
 finds the global threshold from all ranks' scores. Compared against one process with the same global batch (as
@@ -9,10 +9,13 @@ float summation order differs):
   with mean and max, column min with the uncertainty term, unstructured, Magnitude): masks equal at every step, mask
   thresholds within 1e-5, statistics and weights within 1e-6, and a Pruner rebuilt mid-run from ``state_dict`` (the
   gathered, single-process layout) continues bit-exactly;
-- ``run_glue.py --fsdp2`` on a tiny BERT (also with gradient accumulation): the log says the model is sharded over 2 ranks, masks equal to one process
-  at every step and identical on both ranks, scores and final weights within the DDP test's tolerances, the
-  checkpoint folder (``save_state``) and the final files (``pytorch_model.bin``, ``compact/``) with the same keys and
-  shapes as one process's, and a run resumed from that checkpoint ends bit-identical to the uninterrupted one.
+- ``run_glue.py --fsdp2`` on a tiny BERT (also with gradient accumulation): the log says the model is sharded over
+  2 ranks, masks equal to one process at every step and identical on both ranks, scores and final weights within
+  the DDP test's tolerances, the checkpoint folder (``save_state``) and the final files (``pytorch_model.bin``,
+  ``compact/``) with the same keys and shapes as one process's, and a run resumed from that checkpoint ends
+  bit-identical to the uninterrupted one.
+
+The Pruner test's ranks record their own rows only (no collective per step); ``run_glue.py``'s worker gathers.
 """
 import json
 import os
@@ -185,7 +188,8 @@ def _launch(root, script, nproc, out, args):
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     cmd = [sys.executable, *launcher, str(script), str(out), *[str(a) for a in args]]
     proc = subprocess.run(cmd, cwd=root, env=_env(root), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, \
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)], proc.stdout + proc.stderr
 
 
@@ -403,7 +407,7 @@ def test_check_distributed_support_accepts_fsdp2_only(version):
     if version == 2:
         utils.check_distributed_support(fake)
     else:
-        with pytest.raises(RuntimeError, match=r"distributed_type=FSDP with fsdp_version 1.*--fsdp_version 2 .*--fsdp2"):
+        with pytest.raises(RuntimeError, match=r"FSDP with fsdp_version 1.*--fsdp_version 2 .*--fsdp2"):
             utils.check_distributed_support(fake)
 
 
