@@ -358,6 +358,11 @@ class LinearLoSparse(nn.Module):
         self._invalidate_derived()
         return super()._apply(fn, *args, **kwargs)
 
+    def __getstate__(self):  # pickle / deepcopy: the derived tensors are rebuilt, not copied
+        state = self.__dict__.copy()
+        state["_derived"], state["_paths"] = None, {}
+        return state
+
     def _derive(self, path):
         """Tensors that ``path`` multiplies by, from the current weights (no gradient).
 
