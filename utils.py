@@ -374,7 +374,8 @@ class LinearLoSparse(nn.Module):
         S, idx = self.sparse_weight_pruned.detach(), self.nonzero_idx
         r, k = self.reduced_rank, idx.numel()
         if path == "merged":
-            return {"w": torch.mm(L, R).index_add_(0, idx, S)}
+            acc = torch.promote_types(L.dtype, torch.float32)  # bf16/fp16 weights: summed in fp32
+            return {"w": torch.mm(L.to(acc), R.to(acc)).index_add_(0, idx, S.to(acc)).to(L.dtype)}
         r8, k8 = _ceil8(r), _ceil8(k)
         rs = torch.cat([R, R.new_zeros(r8 - r, R.shape[1]), S, S.new_zeros(k8 - k, S.shape[1])])
         lpad = torch.cat([L, L.new_zeros(L.shape[0], r8 - r)], dim=1)
@@ -391,6 +392,9 @@ class LinearLoSparse(nn.Module):
         """The path for this many tokens: ``compact_path`` if set, else the cheapest by :func:`_path_costs` on
         CPU (deterministic) or by one quick timing per (device, dtype, shape, token bucket) on CUDA."""
         if self.compact_path is not None:
+            if self.compact_path not in _COMPACT_FORWARDS:
+                raise ValueError(f"compact_path={self.compact_path!r}: allowed values are None, "
+                                 + ", ".join(map(repr, COMPACT_PATHS)))
             return self.compact_path
         n = x2.shape[0]
         bucket = max(1, n).bit_length()
@@ -1039,8 +1043,8 @@ class CompressionReport:
 
 def _layer_path(m):
     """How the layer runs inference: ``"uncompacted"``, ``"low_rank"`` (no S), or the compacted form(s) it took
-    so far, by token count (``"fused"``, ``"merged"``, ... ; ``"fused<=128,merged"``), ``"pending"`` before
-    its first inference call."""
+    so far, by token count (``"fused"``, ``"merged"``, ... ; ``"fused<=127,merged"``: up to 127 tokens
+    ``fused``, above ``merged``), ``"pending"`` before its first inference call."""
     if not m.has_sparse:
         return "low_rank"
     if not m.is_compacted:
@@ -1051,13 +1055,13 @@ def _layer_path(m):
     if not paths:
         return "pending"
     parts = [p if b == paths[-1][0] else f"{p}<={(1 << b) - 1}" for b, p in paths]
-    merged = [parts[0]]
+    runs = [parts[0]]
     for (b, p), part in zip(paths[1:], parts[1:]):  # one entry per run of the same path
-        if p == merged[-1].split("<=")[0]:
-            merged[-1] = part
+        if p == runs[-1].split("<=")[0]:
+            runs[-1] = part
         else:
-            merged.append(part)
-    return ",".join(merged)
+            runs.append(part)
+    return ",".join(runs)
 
 
 def compression_report(model, export_dir=None):

@@ -178,6 +178,10 @@ def test_cost_model_is_deterministic_and_picks_the_compact_form_on_cpu():
 def test_prefer_memory_never_builds_the_dense_weight():
     with pytest.raises(ValueError, match="prefer='fast'.*'speed', 'memory'"):
         utils.prune(nn.Sequential(), prefer="fast")
+    bad = make_layer(3).eval()
+    bad.compact_path = "dense"
+    with pytest.raises(ValueError, match="compact_path='dense'.*'fused'"), torch.no_grad():
+        bad(torch.randn(2, IN))
     dense_rows = make_layer(OUT).eval()  # all rows kept: "speed" takes the merged weight
     with torch.no_grad():
         x = torch.randn(64, IN)
