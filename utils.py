@@ -1052,8 +1052,8 @@ def _layer_path(m):
     if m.compact_path is not None:
         return m.compact_path
     paths = sorted(m.__dict__.get("_paths", {}).items())
-    if not paths:
-        return "pending"
+    if not paths:  # under torch.compile the choice is not stored; the latest call's is known
+        return m.last_path or "pending"
     parts = [p if b == paths[-1][0] else f"{p}<={(1 << b) - 1}" for b, p in paths]
     runs = [parts[0]]
     for (b, p), part in zip(paths[1:], parts[1:]):  # one entry per run of the same path

@@ -316,4 +316,6 @@ def test_torch_compile_fullgraph_matches_eager():
         model[0].left.weight.mul_(3)  # derived inside the graph: never stale
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
         assert (model(x) - eager).abs().max() > 1e-2
+    c = utils._path_costs(IN, OUT, RANK, 7, 32, 4, "cpu")
+    assert utils.compression_report(compiled).layers[0]["path"] == min(c, key=c.get)
     torch._dynamo.reset()
