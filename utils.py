@@ -202,12 +202,118 @@ class _MergedLinear(torch.autograd.Function):
         return gx, gL, gR, gS, gb, None
 
 
+# Forms of a compacted layer's inference forward (x2: tokens x in; y: tokens x out), see LinearLoSparse._derive.
+# "fused":      T = x [R; S_kept]^T, one GEMM; y = T[:, :r] L^T + b; y[:, idx] += T[:, r:r+k].
+# "transposed": T' = [R; S_kept] x^T; y' = L T'[:r] + b; y'[idx] += T'[r:r+k] (contiguous rows); y = y'^T
+#               copied to row-major.
+# "onehot":     T = x [R; S_kept]^T; y = T [L | P]^T + b, P the one-hot columns of idx: two GEMMs, no scatter.
+# "merged":     y = x (L R + S)^T + b with the dense weight (as fast as the dense layer; costs its memory).
+COMPACT_PATHS = ("fused", "transposed", "onehot", "merged")
+PREFER_CHOICES = ("speed", "memory")
+
+
+def _ceil8(n):
+    return -(-n // 8) * 8
+
+
+def _fwd_fused(x, d, idx, bias):
+    t = torch.mm(x, d["rs_t"])
+    h = t[:, :d["r8"]]
+    y = torch.mm(h, d["l_t"]) if bias is None else torch.addmm(bias, h, d["l_t"])
+    if d["k"]:
+        y.index_add_(1, idx, t[:, d["r8"]:d["r8"] + d["k"]])
+    return y
+
+
+def _fwd_transposed(x, d, idx, bias):
+    t = torch.mm(d["rs"], x.t())
+    h = t[:d["r8"]]
+    y = torch.mm(d["l"], h) if bias is None else torch.addmm(d["b_col"], d["l"], h)
+    if d["k"]:
+        y.index_add_(0, idx, t[d["r8"]:d["r8"] + d["k"]])
+    return y.t().contiguous()  # a transposed view would push later ops (attention, views) off their fast paths
+
+
+def _fwd_onehot(x, d, idx, bias):
+    t = torch.mm(x, d["rs_t"])
+    return torch.mm(t, d["lp_t"]) if bias is None else torch.addmm(bias, t, d["lp_t"])
+
+
+def _fwd_merged(x, d, idx, bias):
+    return F.linear(x, d["w"], bias)
+
+
+_COMPACT_FORWARDS = {"fused": _fwd_fused, "transposed": _fwd_transposed, "onehot": _fwd_onehot,
+                     "merged": _fwd_merged}
+# Cost model (seconds) per device type: FLOP/s, bytes/s, fixed cost per kernel, cost factor of a scattered
+# (strided) element update relative to a streamed one.
+_MACHINE = {"cpu": (1.0e11, 2.0e10, 4e-6, 4.0), "cuda": (4.0e14, 2.5e12, 6e-6, 16.0)}
+
+
+def _path_costs(in_f, out_f, r, k, n, elt, device_type):
+    """Predicted seconds of each path of :data:`COMPACT_PATHS` for ``n`` tokens (FLOPs + bytes moved + kernels).
+
+    Deterministic: a function of the shapes, the element size and the device type only.
+    """
+    flops, bw, kernel, scatter = _MACHINE.get(device_type, _MACHINE["cpu"])
+    r8, k8 = _ceil8(r), _ceil8(k)
+    rk = r8 + k8
+    x, y = n * in_f, n * out_f
+    first_f = 2 * n * in_f * rk  # x [R; S]^T
+    first_b = x + rk * in_f + n * rk
+    add = n * k * 3  # read z, read and write y
+    costs = {
+        "merged": (2 * n * in_f * out_f) / flops + elt * (x + in_f * out_f + y) / bw + kernel,
+        "fused": (first_f + 2 * n * r8 * out_f) / flops
+        + elt * (first_b + n * r8 + out_f * r8 + y + scatter * add) / bw + (3 if k else 2) * kernel,
+        "transposed": (first_f + 2 * n * r8 * out_f) / flops
+        + elt * (first_b + n * r8 + out_f * r8 + y + add + 2 * y) / bw + (3 if k else 2) * kernel,
+        "onehot": (first_f + 2 * n * rk * out_f) / flops + elt * (first_b + n * rk + out_f * rk + y) / bw + 2 * kernel,
+    }
+    return costs
+
+
+_CUDA_CHOICES = {}
+
+
+def _timed_choice(layer, x2, candidates, reps=3):
+    """CUDA only: time each path once per (device, dtype, shape, token bucket) on the actual input; cached."""
+    key = (str(x2.device), x2.dtype, layer.in_feature, layer.out_feature, layer.reduced_rank,
+           layer.nonzero_idx.numel(), layer.bias is not None, max(1, x2.shape[0]).bit_length(), candidates)
+    if key not in _CUDA_CHOICES:
+        times = {}
+        for path in candidates:
+            d = layer._derived_for(path)
+            fn = _COMPACT_FORWARDS[path]
+            fn(x2, d, layer.nonzero_idx, layer.bias)  # warm-up
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn(x2, d, layer.nonzero_idx, layer.bias)
+            end.record()
+            end.synchronize()
+            times[path] = start.elapsed_time(end)
+            if path == "merged":  # keep the dense weight only if it is chosen
+                layer.__dict__["_derived"].pop("merged", None)
+        _CUDA_CHOICES[key] = min(times, key=times.__getitem__)
+    return _CUDA_CHOICES[key]
+
+
 class LinearLoSparse(nn.Module):
     """``y = x (L R + S)^T + b`` with ``left`` = L (out x r), ``right`` = R (r x in), ``sparse`` = S (out x in).
 
     After :meth:`prune_sparse` the dense ``sparse`` is dropped and only its nonzero rows are kept
     (``sparse_weight_pruned``, k x in, at output positions ``nonzero_idx``), so memory and FLOPs scale with k.
+
+    Compacted inference picks a form per token count (:data:`COMPACT_PATHS`). ``prefer`` = ``"speed"`` allows
+    the merged dense weight ``L R + S`` when it is predicted (CPU) or measured (CUDA) to be the fastest;
+    ``"memory"`` never builds it. ``compact_path`` forces one form. ``last_path`` is the form of the latest
+    inference call. Set them with :func:`prune` / :func:`load_compact` (``prefer=``) or on the module.
     """
+
+    prefer = "speed"
+    compact_path = None
+    last_path = None
 
     def __init__(self, in_feature, out_feature, reduced_rank, has_bias=True, has_sparse=True, device=None,
                  dtype=None):
@@ -228,6 +334,7 @@ class LinearLoSparse(nn.Module):
             self.register_parameter("bias", None)
         self.register_parameter("sparse_weight_pruned", None)  # set by prune_sparse: kept rows of S (k x in)
         self.register_buffer("nonzero_idx", None)  # their row indices (k)
+        self.register_load_state_dict_post_hook(LinearLoSparse._invalidate_derived)
 
     # -- shapes ---------------------------------------------------------------------------------------
     @property
@@ -260,10 +367,13 @@ class LinearLoSparse(nn.Module):
     def forward(self, x):
         """Y = X (LR)^T + X S^T + B. The bias rides in the GEMM epilogue, so autocast keeps one dtype.
 
-        Compacted, the cost is that of the parameters: ``X [R; S_kept]^T`` is one GEMM (x is read once)
-        when x has at least ``r + k`` rows (below that, copying the weights together costs more than
-        reading x twice), then ``H L^T + B`` and an in-place ``index_add_`` of the k sparse columns into
-        the output's last (contiguous) dimension. No state depends on the input shape; nothing is cached.
+        Uncompacted (dense S, training), a call with many rows multiplies by the merged ``L R + S``
+        (:class:`_MergedLinear`), one with few rows runs the factored formula (:func:`_merge_pays`).
+        Compacted and without a gradient to compute for the layer's weights (inference), it runs one of the
+        forms of :data:`COMPACT_PATHS` on tensors derived once from L, R and the kept rows of S (see
+        :meth:`_compact_forward`). Otherwise (training) it computes ``X [R; S_kept]^T`` as one GEMM when x
+        has at least ``r + k`` rows, then ``H L^T + B`` and an in-place ``index_add_`` of the k sparse columns,
+        all through autograd.
         """
         if not self.has_sparse:
             return F.linear(self.right(x), self.left.weight, self.bias)
@@ -274,6 +384,8 @@ class LinearLoSparse(nn.Module):
                 return _MergedLinear.apply(x, self.left.weight, self.right.weight, self.sparse.weight, self.bias,
                                            dtype)
             return F.linear(self.right(x), self.left.weight, self.bias) + self.sparse(x)
+        if not (torch.is_grad_enabled() and self._weights_need_grad()):
+            return self._compact_forward(x)
         r, k = self.reduced_rank, self.nonzero_idx.numel()
         if k == 0:
             return F.linear(self.right(x), self.left.weight, self.bias)
@@ -283,6 +395,106 @@ class LinearLoSparse(nn.Module):
         else:
             h, z = self.right(x), F.linear(x, self.sparse_weight_pruned)
         return F.linear(h, self.left.weight, self.bias).index_add_(-1, self.nonzero_idx, z)
+
+    # -- compacted inference ----------------------------------------------------------------------------
+    def _weights_need_grad(self):
+        return any(p.requires_grad for p in (self.left.weight, self.right.weight, self.sparse_weight_pruned,
+                                             self.bias) if p is not None)
+
+    def _compact_forward(self, x):
+        """Inference of a compacted layer: x is flattened to 2-D (the bias stays in the GEMM), the path is
+        chosen per token-count bucket (:meth:`_path_for`), and the path's derived tensors are reused while L,
+        R, S, the bias and ``nonzero_idx`` are unchanged (checked through their version counters; under
+        ``torch.compile`` they are derived inside the graph, so they are never stale).
+        """
+        shape = x.shape
+        x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
+        path = self._path_for(x2)
+        if torch.compiler.is_compiling():
+            d = self._derive(path)
+        else:
+            d = self._derived_for(path)
+        self.last_path = path
+        y = _COMPACT_FORWARDS[path](x2, d, self.nonzero_idx, self.bias)
+        return y if x.dim() == 2 else y.view(*shape[:-1], self.out_feature)
+
+    def _derived_key(self):
+        return tuple((t.data_ptr(), t._version) for t in (self.left.weight, self.right.weight,
+                                                           self.sparse_weight_pruned, self.nonzero_idx, self.bias)
+                     if t is not None)
+
+    def _derived_for(self, path):
+        """The cached tensors of ``path``; rebuilt when a source tensor was replaced or modified in place."""
+        key = self._derived_key()
+        cache = self.__dict__.get("_derived")
+        if cache is None or cache["key"] != key:
+            cache = self.__dict__["_derived"] = {"key": key}
+        if path not in cache:
+            with torch.inference_mode(False), torch.no_grad():
+                cache[path] = self._derive(path)
+        return cache[path]
+
+    def _invalidate_derived(self, *args, **kwargs):
+        self.__dict__["_derived"] = None
+        self.__dict__["_paths"] = {}
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), .cuda(): derived tensors follow on next use
+        self._invalidate_derived()
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):  # pickle / deepcopy: the derived tensors are rebuilt, not copied
+        state = self.__dict__.copy()
+        state["_derived"], state["_paths"] = None, {}
+        return state
+
+    def _derive(self, path):
+        """Tensors that ``path`` multiplies by, from the current weights (no gradient).
+
+        ``rs`` = ``[R; 0; S_kept; 0]`` with r and k rounded up to multiples of 8 (zero rows), so the GEMMs'
+        inner and output sizes stay multiples of 8; ``L`` gets matching zero columns. ``merged`` is the dense
+        ``L R + S``.
+        """
+        L, R = self.left.weight.detach(), self.right.weight.detach()
+        S, idx = self.sparse_weight_pruned.detach(), self.nonzero_idx
+        r, k = self.reduced_rank, idx.numel()
+        if path == "merged":
+            acc = torch.promote_types(L.dtype, torch.float32)  # bf16/fp16 weights: summed in fp32
+            return {"w": torch.mm(L.to(acc), R.to(acc)).index_add_(0, idx, S.to(acc)).to(L.dtype)}
+        r8, k8 = _ceil8(r), _ceil8(k)
+        rs = torch.cat([R, R.new_zeros(r8 - r, R.shape[1]), S, S.new_zeros(k8 - k, S.shape[1])])
+        lpad = torch.cat([L, L.new_zeros(L.shape[0], r8 - r)], dim=1)
+        if path == "onehot":  # [L | P] with P[idx[j], j] = 1: the sparse rows' add becomes part of the GEMM
+            onehot = L.new_zeros(L.shape[0], k8)
+            onehot[idx, torch.arange(k, device=idx.device)] = 1
+            return {"rs_t": rs.t(), "lp_t": torch.cat([lpad, onehot], dim=1).t(), "r8": r8, "k": k}
+        if path == "transposed":
+            return {"rs": rs, "l": lpad, "b_col": None if self.bias is None else self.bias.detach()[:, None],
+                    "r8": r8, "k": k}
+        return {"rs_t": rs.t(), "l_t": lpad.t(), "r8": r8, "k": k}
+
+    def _path_for(self, x2):
+        """The path for this many tokens: ``compact_path`` if set, else the cheapest by :func:`_path_costs` on
+        CPU (deterministic) or by one quick timing per (device, dtype, shape, token bucket) on CUDA."""
+        if self.compact_path is not None:
+            if self.compact_path not in _COMPACT_FORWARDS:
+                raise ValueError(f"compact_path={self.compact_path!r}: allowed values are None, "
+                                 + ", ".join(map(repr, COMPACT_PATHS)))
+            return self.compact_path
+        n = x2.shape[0]
+        bucket = max(1, n).bit_length()
+        paths = self.__dict__.setdefault("_paths", {})
+        if bucket in paths:
+            return paths[bucket]
+        candidates = COMPACT_PATHS if self.prefer == "speed" else COMPACT_PATHS[:-1]
+        if x2.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
+            path = _timed_choice(self, x2, candidates)
+        else:
+            costs = _path_costs(self.in_feature, self.out_feature, self.reduced_rank, self.nonzero_idx.numel(),
+                                1 << (bucket - 1), x2.element_size(), x2.device.type)
+            path = min(candidates, key=costs.__getitem__)
+        if not torch.compiler.is_compiling():
+            paths[bucket] = path
+        return path
 
     # -- weights --------------------------------------------------------------------------------------
     def initialize_weight(self, left_weight, right_weight, sparse_weight=None, bias=None):
@@ -309,6 +521,7 @@ class LinearLoSparse(nn.Module):
         # DDP a trainable parameter without one stops the run).
         self.sparse_weight_pruned = nn.Parameter(rows, requires_grad=requires_grad and rows.numel() > 0)
         self.nonzero_idx = idx.to(device=rows.device, dtype=torch.long)
+        self._invalidate_derived()
 
     def merged_weight(self):
         """The dense ``L @ R + S`` (out x in), in the layer's dtype."""
@@ -390,15 +603,26 @@ def _losparse_from_linear(linear, parameter_ratio, has_sparse, do_svd, kwargs):
     return layer
 
 
-def prune(module):
+def _check_prefer(prefer):
+    if prefer not in PREFER_CHOICES:
+        raise ValueError(f"prefer={prefer!r}: allowed values are {', '.join(map(repr, PREFER_CHOICES))}")
+
+
+def prune(module, prefer="speed"):
     """Compact every :class:`LinearLoSparse` in ``module`` (see :meth:`LinearLoSparse.prune_sparse`).
 
-    Returns the number of layers compacted. Re-create the optimizer afterwards: the parameters changed.
+    ``prefer`` sets how the compacted layers run inference: ``"speed"`` (default) may multiply by the merged
+    dense ``L R + S`` where that is faster (it then holds that matrix in memory too); ``"memory"`` never
+    builds it. Returns the number of layers compacted. Re-create the optimizer afterwards: the parameters
+    changed.
     """
     _refuse_sharded(module, "prune")
+    _check_prefer(prefer)
     layers = [m for m in module.modules() if isinstance(m, LinearLoSparse)]
     for m in layers:
         m.prune_sparse()
+        m.prefer = prefer
+        m._invalidate_derived()
     logger.info("LoSparse: compacted %d layers", len(layers))
     return len(layers)
 
@@ -1107,12 +1331,12 @@ class CompressionReport:
         return {k: getattr(self, k) for k in keys}
 
     def table(self):
-        lines = [f"{'layer':<60} {'out':>6} {'in':>6} {'rank':>5} {'rows':>6} {'ratio':>7}"]
+        lines = [f"{'layer':<60} {'out':>6} {'in':>6} {'rank':>5} {'rows':>6} {'ratio':>7}  path"]
         for l in self.layers:
             ratio = (l["rank"] * (l["out_features"] + l["in_features"]) + l["kept_rows"] * l["in_features"]) / \
                     (l["out_features"] * l["in_features"])
             lines.append(f"{l['name'][-60:]:<60} {l['out_features']:>6} {l['in_features']:>6} {l['rank']:>5} "
-                         f"{l['kept_rows']:>6} {ratio:>7.2%}")
+                         f"{l['kept_rows']:>6} {ratio:>7.2%}  {l.get('path', '')}")
         lines += [
             f"substituted matrices: {len(self.layers)}, dense parameters {self.dense_params:,}",
             f"low-rank parameters {self.low_rank_params:,} + kept sparse parameters {self.sparse_params:,} "
@@ -1129,8 +1353,31 @@ class CompressionReport:
     __str__ = table
 
 
+def _layer_path(m):
+    """How the layer runs inference: ``"uncompacted"``, ``"low_rank"`` (no S), or the compacted form(s) it took
+    so far, by token count (``"fused"``, ``"merged"``, ... ; ``"fused<=127,merged"``: up to 127 tokens
+    ``fused``, above ``merged``), ``"pending"`` before its first inference call."""
+    if not m.has_sparse:
+        return "low_rank"
+    if not m.is_compacted:
+        return "uncompacted"
+    if m.compact_path is not None:
+        return m.compact_path
+    paths = sorted(m.__dict__.get("_paths", {}).items())
+    if not paths:  # under torch.compile the choice is not stored; the latest call's is known
+        return m.last_path or "pending"
+    parts = [p if b == paths[-1][0] else f"{p}<={(1 << b) - 1}" for b, p in paths]
+    runs = [parts[0]]
+    for (b, p), part in zip(paths[1:], parts[1:]):  # one entry per run of the same path
+        if p == runs[-1].split("<=")[0]:
+            runs[-1] = part
+        else:
+            runs.append(part)
+    return ",".join(runs)
+
+
 def compression_report(model, export_dir=None):
-    """Per-layer shapes, ranks and kept rows, totals, and whole-model parameter counts.
+    """Per-layer shapes, ranks, kept rows and inference path, totals, and whole-model parameter counts.
 
     ``model_params`` counts what a compact export stores (L, R, kept rows of S, biases and every other
     parameter once); ``model_params_dense_equivalent`` the same model with dense matrices. With
@@ -1142,7 +1389,7 @@ def compression_report(model, export_dir=None):
     for name, m in target.named_modules():
         if isinstance(m, LinearLoSparse):
             layers.append({"name": name, "out_features": m.out_feature, "in_features": m.in_feature,
-                           "rank": m.reduced_rank, "kept_rows": m.kept_rows})
+                           "rank": m.reduced_rank, "kept_rows": m.kept_rows, "path": _layer_path(m)})
             for p in m.parameters():
                 in_losparse.add(id(p))
     other = 0
@@ -1246,10 +1493,15 @@ def _jsonable(args):
     return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool, type(None), list))}
 
 
-def load_compact(output_dir, model_class=None, device=None, dtype=None):
-    """Rebuild a model written by :func:`export_compact`, from that directory alone (eval mode)."""
+def load_compact(output_dir, model_class=None, device=None, dtype=None, prefer="speed"):
+    """Rebuild a model written by :func:`export_compact`, from that directory alone (eval mode).
+
+    ``prefer``: how the compacted layers run inference, as in :func:`prune`.
+    """
     from safetensors.torch import load_file
     import transformers
+
+    _check_prefer(prefer)
 
     out = Path(output_dir)
     meta = json.loads((out / COMPACT_CONFIG).read_text())
@@ -1269,6 +1521,7 @@ def load_compact(output_dir, model_class=None, device=None, dtype=None):
         if entry["form"] == "losparse":
             k = entry["kept_rows"]
             layer._set_compact(torch.zeros(k, entry["in_features"], dtype=like.dtype), torch.zeros(k, dtype=torch.long))
+        layer.prefer = prefer
         _set_submodule(model, name, layer)
     for k, src in meta.get("tied", {}).items():
         sd[k] = sd[src]

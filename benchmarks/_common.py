@@ -195,10 +195,11 @@ def keep_top_rows(model, keep_fraction):
                 w[drop] = 0
 
 
-def losparse_variants(dense, ratios, svd="auto", allow_name=None, block_name=None):
+def losparse_variants(dense, ratios, svd="auto", allow_name=None, block_name=None, prefer="speed"):
     """``(original, {ratio: compact})``: the substituted model with dense S, and compacted copies.
 
     ``ratio`` is the total kept fraction of each matrix: low-rank 0.05 plus ``ratio - 0.05`` of S's rows.
+    ``prefer`` goes to ``utils.prune``.
     """
     original = copy.deepcopy(dense)
     utils.substitute_layer_weights(original, allow_name or ALLOW_NAME, block_name or BLOCK_NAME,
@@ -207,6 +208,6 @@ def losparse_variants(dense, ratios, svd="auto", allow_name=None, block_name=Non
     for ratio in ratios:
         m = copy.deepcopy(original)
         keep_top_rows(m, ratio - LOW_RANK_RATIO)
-        utils.prune(m)
+        utils.prune(m, prefer=prefer)
         compact[ratio] = m
     return original, compact

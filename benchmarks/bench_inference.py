@@ -2,20 +2,27 @@
 
 Models are base-size configs with random weights (BERT-base, DeBERTa-v3-base, BART-base). A "pruned"
 model is made without training: low-rank 0.05 plus the rows of each S with the largest norm, so that
-the total kept fraction is the target ratio; then ``utils.prune`` compacts it. Also times the 72 linears
-of a DeBERTa-v3-base-sized encoder (per layer q, k, v, o 768x768, ffn 768->3072 and 3072->768) as a stack,
-and checks that ``export_compact`` writes the predicted number of bytes and reloads to the same outputs.
+the total kept fraction is the target ratio; then ``utils.prune`` compacts it. Each dtype converts fresh
+copies of the fp32 models (never a model already rounded to another dtype). Two linear stacks are timed
+too, each layer's output feeding the next (with residual adds, as in a transformer), so activations are not
+re-read from cache: the 72 linears of a DeBERTa-v3-base-sized encoder (per layer q, k, v, o 768x768, ffn
+768->3072 and 3072->768) and LLaMA-7B-size blocks (q, k, v, o 4096x4096, gate/up 4096->11008, down
+11008->4096). ``export_compact``'s file is compared with a size predicted from the layer shapes and kept rows,
+and reloaded. Aten ops per forward and the GEMM shapes inside the compacted layers are counted with a
+``TorchDispatchMode``; each compacted variant reports the inference path its layers took.
 
-    python benchmarks/bench_inference.py --quick                   # CPU, a minute or two
+    python benchmarks/bench_inference.py --quick                   # CPU, a few minutes
     python benchmarks/bench_inference.py --device cuda --dtypes bf16,fp16,fp32 --batch-sizes 1,8,32
 
-One JSON line per measurement (``what`` = env | inference | export | stack72).
+One JSON line per measurement (``what`` = env | inference | ops | export | stack72 | stack_llama).
 """
+import collections
 import copy
 import tempfile
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import _common as C
 from _common import utils
@@ -34,127 +41,265 @@ def parse_args(argv=None):
     p.add_argument("--stack-tokens", type=int, default=None, help="Tokens of the 72-linear stack (cuda 16384, "
                    "cpu 2048, quick 512).")
     p.add_argument("--stack-ratios", type=C.csv(float), default=None, help="Default: --ratios.")
-    p.add_argument("--skip-models", action="store_true", help="Only the 72-linear stack.")
-    p.add_argument("--skip-stack", action="store_true", help="Only the models.")
+    p.add_argument("--llama-tokens", type=int, default=None, help="Tokens of the LLaMA-7B-size block stack "
+                   "(cuda 16384, cpu 512).")
+    p.add_argument("--llama-blocks", type=int, default=2, help="LLaMA-7B-size blocks in that stack.")
+    p.add_argument("--skip-models", action="store_true", help="Only the linear stacks.")
+    p.add_argument("--skip-stack", action="store_true", help="Skip the 72-linear stack.")
+    p.add_argument("--skip-llama", action="store_true", help="Skip the LLaMA-7B-size stack (--quick skips it).")
     p.add_argument("--no-export", action="store_true", help="Skip export_compact size and reload checks.")
+    p.add_argument("--prefer", default="speed", choices=utils.PREFER_CHOICES,
+                   help="utils.prune(prefer=...): 'memory' never builds the merged dense weight.")
+    p.add_argument("--compile", action="store_true", help="torch.compile every variant (timed after warm-up).")
     args = C.setup(p.parse_args(argv), warmup=(2, 1), reps=(7, 3))
     cuda = args.device.type == "cuda"
     args.models = args.models or (["bert"] if args.quick else ["bert", "deberta", "bart"])
     args.ratios = args.ratios or ([0.2] if args.quick else [0.1, 0.2, 0.4])
     args.batch_sizes = args.batch_sizes or ([1, 8] if args.quick or not cuda else [1, 8, 32])
     args.dtypes = args.dtypes or (["fp32"] if args.quick else ["fp32", "bf16"])
+    for dt in args.dtypes:
+        if dt not in C.DTYPES:
+            raise SystemExit(f"--dtypes: unknown {dt!r}; allowed: {', '.join(C.DTYPES)}")
     args.stack_tokens = args.stack_tokens or (512 if args.quick else 16384 if cuda else 2048)
     args.stack_ratios = args.stack_ratios or args.ratios
+    args.skip_llama = args.skip_llama or (args.quick and args.llama_tokens is None)
+    args.llama_tokens = args.llama_tokens or (16384 if cuda else 512)
     return args
 
 
-def linear_summary(model):
-    rep = utils.compression_report(model)
-    return {"linears": len(rep.layers), "effective_ratio": round(rep.effective_ratio, 4)}
+# ---------------------------------------------------------------------------------------------- helpers
+VIEW_OPS = {"view", "_unsafe_view", "reshape", "slice", "t", "transpose", "expand", "select", "permute", "unsqueeze",
+            "squeeze", "as_strided", "alias", "detach", "split", "unbind"}
 
 
-def bench_export(args, name, ratio, compact, inputs):
+class OpCounter(TorchDispatchMode):
+    """Counts aten ops (views included; ``compute_ops`` leaves them out). GEMMs (mm/addmm/bmm) run inside a
+    LinearLoSparse are checked for an inner or output size that is not a multiple of 8 (off the tensor-core
+    fast path in bf16/fp16)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.inside, self.gemms, self.misaligned = collections.Counter(), False, 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.ops[name] += 1
+        if self.inside and name in ("mm", "addmm", "bmm"):
+            a, b = (args[1], args[2]) if name == "addmm" else (args[0], args[1])
+            self.gemms += 1
+            if any(s % 8 for s in (a.shape[-1], a.shape[-2], b.shape[-1])):  # inner, both output sizes
+                self.misaligned.append((name, tuple(a.shape), tuple(b.shape)))
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(model, call):
+    """One forward under :class:`OpCounter` (after one untimed call that builds derived tensors)."""
+    mode = OpCounter()
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, utils.LinearLoSparse):
+            hooks.append(m.register_forward_pre_hook(lambda *a: setattr(mode, "inside", True)))
+            hooks.append(m.register_forward_hook(lambda *a: setattr(mode, "inside", False)))
+    with torch.no_grad():  # (inference_mode would hide the ops inside composite ops such as aten.linear)
+        call(model)
+        with mode:
+            call(model)
+    for h in hooks:
+        h.remove()
+    return mode
+
+
+def path_counts(model):
+    """``{path: layers}`` from compression_report (the paths the compacted layers took)."""
+    return dict(collections.Counter(l["path"] for l in utils.compression_report(model).layers))
+
+
+def predicted_export_bytes(dense, original, keep_fraction):
+    """File size of a compact export (fp32), from the layer shapes and the kept rows alone: 4 bytes per stored
+    parameter (L, R, kept rows, biases, every other parameter) plus 8 per kept-row index. A layer whose
+    compact form is not smaller than dense is stored dense. Header bytes are not counted."""
+    params, idx = C.num_params(dense), 0
+    for m in original.modules():
+        if isinstance(m, utils.LinearLoSparse):
+            i, o, r = m.in_feature, m.out_feature, m.reduced_rank
+            k = min(o, max(0, round(keep_fraction * o))) if m.has_sparse else 0
+            compact = r * (i + o) + k * i
+            if compact < i * o:
+                params += compact - i * o
+                idx += k
+    return 4 * params + 8 * idx
+
+
+def fresh(master, device, dtype, compile_=False):
+    """A copy of the fp32 master on ``device`` in ``dtype`` (the master is never converted in place)."""
+    m = copy.deepcopy(master).to(device=device, dtype=dtype).eval()
+    return torch.compile(m) if compile_ else m
+
+
+def isolated_peak_memory(masters, device, dtype, call):
+    """CUDA: peak bytes of each variant alone on the device (weights + one forward); None on CPU."""
+    if device.type != "cuda":
+        return {k: None for k in masters}
+    out = {}
+    for k, master in masters.items():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        m = fresh(master, device, dtype)
+        weights = torch.cuda.memory_allocated(device) - base
+        with torch.inference_mode():
+            call(m)
+            call(m)
+        C.sync(device)
+        out[k] = {"peak_bytes": torch.cuda.max_memory_allocated(device) - base, "weights_bytes": weights}
+        del m
+    torch.cuda.empty_cache()
+    return out
+
+
+def emit_compare(what, res, params, mem, paths, tokens, dense_flops=None, **fields):
+    for k, r in res.items():
+        variant, _, ratio = k.partition("@")
+        extra = {"peak_memory": mem[k]} if mem.get(k) else {}
+        if dense_flops:
+            extra["dense_equivalent_tflops"] = round(dense_flops / r["ms"] / 1e9, 3)
+        if k in paths:
+            extra["paths"] = paths[k]
+        C.emit(what, variant=variant, ratio=float(ratio) if ratio else None, **fields, ms=r["ms"],
+               ms_min=r["ms_min"], tokens_per_s=round(1e3 * tokens / r["ms"], 1), params=params[k], speedup_vs_dense=round(res["dense"]["ms"] / r["ms"], 3),
+               speedup_vs_original=round(res["original"]["ms"] / r["ms"], 3) if "original" in res else None,
+               **extra)
+
+
+# ----------------------------------------------------------------------------------------------- models
+def bench_export(args, name, ratio, dense, original, compact, inputs):
     """Write the compact fp32 model, compare the file to the predicted size, reload and compare outputs."""
     rep = utils.compression_report(compact)
-    idx_elems = sum(m.nonzero_idx.numel() for m in compact.modules()
-                    if isinstance(m, utils.LinearLoSparse) and m.is_compacted)
-    predicted = 4 * rep.model_params + 8 * idx_elems
+    predicted = predicted_export_bytes(dense, original, ratio - C.LOW_RANK_RATIO)
     with tempfile.TemporaryDirectory() as d:
         utils.export_compact(compact, d)
-        rep_files = utils.compression_report(compact, export_dir=d)
-        actual = rep_files.files[utils.COMPACT_WEIGHTS]
-        reloaded = utils.load_compact(d, device=args.device)
+        actual = utils.compression_report(compact, export_dir=d).files[utils.COMPACT_WEIGHTS]
+        reloaded = utils.load_compact(d, device=args.device, prefer=args.prefer)
+        m = copy.deepcopy(compact).to(args.device)
         with torch.no_grad():
-            a, b = compact(**inputs)[0], reloaded(**inputs)[0]
+            a, b = m(**inputs)[0], reloaded(**inputs)[0]
     C.emit("export", model=name, ratio=ratio, dtype="fp32", device=str(args.device), predicted_bytes=predicted,
            actual_bytes=actual, diff_pct=round(100 * (actual - predicted) / predicted, 3),
            dense_equivalent_bytes=4 * rep.model_params_dense_equivalent,
            size_vs_dense=round(actual / (4 * rep.model_params_dense_equivalent), 4),
-           reload_max_abs_diff=float((a - b).abs().max()), **linear_summary(compact))
+           reload_max_abs_diff=float((a - b).abs().max()), linears=len(rep.layers),
+           effective_ratio=round(rep.effective_ratio, 4))
 
 
 def bench_models(args):
     for name in args.models:
         dense = C.build_model(name, args.layers, seed=args.seed, vocab_size=args.vocab_size).eval()
-        original, compact = C.losparse_variants(dense, args.ratios)
+        original, compact = C.losparse_variants(dense, args.ratios, prefer=args.prefer)
         vocab = dense.config.vocab_size
         if not args.no_export:
             small = C.model_inputs(name, 2, 16, vocab, args.device)
             for ratio, m in compact.items():
-                bench_export(args, name, ratio, m.to(args.device), small)
+                bench_export(args, name, ratio, dense, original, m, small)
+        masters = {"dense": dense, "original": original}
+        masters.update({f"compact@{r:g}": m for r, m in compact.items()})
+        params = {k: C.num_params(m) for k, m in masters.items()}
         for dt in args.dtypes:
             dtype = C.DTYPES[dt]
-            variants = {"dense": dense, "original": original}
-            variants.update({f"compact@{r:g}": m for r, m in compact.items()})
-            variants = {k: m.to(device=args.device, dtype=dtype).eval() for k, m in variants.items()}
-            params = {k: C.num_params(m) for k, m in variants.items()}
             for batch in args.batch_sizes:
                 inputs = C.model_inputs(name, batch, args.seq_len, vocab, args.device)
+                call = lambda m: m(**inputs)  # noqa: E731
+                mem = isolated_peak_memory(masters, args.device, dtype, call)
+                variants = {k: fresh(m, args.device, dtype, args.compile) for k, m in masters.items()}
                 with torch.inference_mode():
-                    fns = {k: (lambda m=m: m(**inputs)) for k, m in variants.items()}
+                    fns = {k: (lambda m=m: call(m)) for k, m in variants.items()}
                     res = C.time_variants(fns, args.device, args.warmup, args.reps)
-                    mem = {k: C.peak_memory(f, args.device) for k, f in fns.items()}
-                tokens = batch * args.seq_len
-                for k, r in res.items():
-                    variant, _, ratio = k.partition("@")
-                    C.emit("inference", model=name, variant=variant, ratio=float(ratio) if ratio else None,
-                           shape=[batch, args.seq_len], dtype=dt, device=str(args.device), ms=r["ms"],
-                           ms_min=r["ms_min"], tokens_per_s=round(1e3 * tokens / r["ms"], 1), params=params[k],
-                           speedup_vs_dense=round(res["dense"]["ms"] / r["ms"], 3),
-                           speedup_vs_original=round(res["original"]["ms"] / r["ms"], 3),
-                           **({"peak_memory": mem[k]} if mem[k] else {}))
-            del variants
-        del dense, original, compact
+                paths = {k: path_counts(m) for k, m in variants.items() if k.startswith("compact")}
+                emit_compare("inference", res, params, mem, paths, batch * args.seq_len, model=name,
+                             shape=[batch, args.seq_len], dtype=dt, device=str(args.device), compiled=args.compile)
+                del variants
+                eager = {k: fresh(m, args.device, dtype) for k, m in masters.items() if k != "original"}
+                counts = {k: count_ops(m, call) for k, m in eager.items()}
+                dense_ops = sum(counts["dense"].ops.values())
+                compute = {k: sum(v for o, v in c.ops.items() if o not in VIEW_OPS) for k, c in counts.items()}
+                for k, c in counts.items():
+                    if k == "dense":
+                        continue
+                    total = sum(c.ops.values())
+                    C.emit("ops", model=name, variant=k.partition("@")[0], ratio=float(k.partition("@")[2]),
+                           shape=[batch, args.seq_len], dtype=dt, aten_ops=total, dense_aten_ops=dense_ops,
+                           ops_vs_dense=round(total / dense_ops, 3), compute_ops=compute[k],
+                           dense_compute_ops=compute["dense"],
+                           compute_ops_vs_dense=round(compute[k] / compute["dense"], 3), cat=c.ops["cat"], dense_cat=counts["dense"].ops["cat"],
+                           index_add=c.ops["index_add_"], compacted_gemms=c.gemms,
+                           misaligned_gemms=len(c.misaligned), misaligned_examples=c.misaligned[:3],
+                           paths=path_counts(eager[k]))
+                del eager, counts
+        del dense, original, compact, masters
 
 
+# ----------------------------------------------------------------------------------------------- stacks
 class _Block(nn.Module):
-    def __init__(self, hidden=768, ffn=3072):
+    """One transformer block's linears, chained: x += o(v(k(q(x)))); x += ffn2(ffn1(x)) (or, gated,
+    x += down(gate(x) * up(x)))."""
+
+    def __init__(self, hidden, ffn, gated):
         super().__init__()
-        self.q, self.k, self.v, self.o = (nn.Linear(hidden, hidden) for _ in range(4))
-        self.ffn1, self.ffn2 = nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)
+        self.q, self.k, self.v, self.o = (nn.Linear(hidden, hidden, bias=not gated) for _ in range(4))
+        self.gated = gated
+        if gated:
+            self.gate, self.up = nn.Linear(hidden, ffn, bias=False), nn.Linear(hidden, ffn, bias=False)
+            self.down = nn.Linear(ffn, hidden, bias=False)
+        else:
+            self.ffn1, self.ffn2 = nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)
+
+    def forward(self, x):
+        x = x + self.o(self.v(self.k(self.q(x))))
+        if self.gated:
+            return x + self.down(self.gate(x) * self.up(x))
+        return x + self.ffn2(self.ffn1(x))
 
 
 class LinearStack(nn.Module):
-    """The 72 linears of a DeBERTa-v3-base-sized encoder, each applied to its own input (no chaining)."""
+    """``layers`` blocks of linears; each layer's output feeds the next one."""
 
-    def __init__(self, layers=12):
+    def __init__(self, layers=12, hidden=768, ffn=3072, gated=False):
         super().__init__()
-        self.layers = nn.ModuleList(_Block() for _ in range(layers))
+        self.layers = nn.ModuleList(_Block(hidden, ffn, gated) for _ in range(layers))
 
-    def forward(self, x, h):
+    def forward(self, x):
         for b in self.layers:
-            for lin in (b.q, b.k, b.v, b.o, b.ffn1):
-                lin(x)
-            b.ffn2(h)
+            x = b(x)
+        return x
 
 
-def bench_stack(args):
-    layers = args.layers or 12
+STACK_NAMES = ["q", "k", "v", "o", "ffn1", "ffn2", "gate", "up", "down"]
+
+
+def bench_stack(args, what, layers, hidden, ffn, gated, tokens, with_original):
     torch.manual_seed(args.seed)
-    dense = LinearStack(layers).eval()
-    original, compact = C.losparse_variants(dense, args.stack_ratios, allow_name=["q", "k", "v", "o", "ffn1", "ffn2"],
-                                            block_name=[])
-    dense_flops = 2 * args.stack_tokens * sum(m.in_features * m.out_features for m in dense.modules()
-                                              if isinstance(m, nn.Linear))
+    dense = LinearStack(layers, hidden, ffn, gated).eval()
+    original, compact = C.losparse_variants(dense, args.stack_ratios, allow_name=STACK_NAMES, block_name=[],
+                                            prefer=args.prefer)
+    linears = [m for m in dense.modules() if isinstance(m, nn.Linear)]
+    dense_flops = 2 * tokens * sum(m.in_features * m.out_features for m in linears)
+    masters = {"dense": dense, **({"original": original} if with_original else {})}
+    masters.update({f"compact@{r:g}": m for r, m in compact.items()})
+    if not with_original:
+        del original
+    params = {k: C.num_params(m) for k, m in masters.items()}
     for dt in args.dtypes:
         dtype = C.DTYPES[dt]
-        variants = {"dense": dense, "original": original}
-        variants.update({f"compact@{r:g}": m for r, m in compact.items()})
-        variants = {k: copy.deepcopy(m).to(device=args.device, dtype=dtype) for k, m in variants.items()}
-        x = torch.randn(args.stack_tokens, 768, device=args.device, dtype=dtype)
-        h = torch.randn(args.stack_tokens, 3072, device=args.device, dtype=dtype)
+        x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1)).to(args.device, dtype)
+        call = lambda m: m(x)  # noqa: E731
+        mem = isolated_peak_memory(masters, args.device, dtype, call)
+        variants = {k: fresh(m, args.device, dtype, args.compile) for k, m in masters.items()}
         with torch.inference_mode():
-            fns = {k: (lambda m=m: m(x, h)) for k, m in variants.items()}
+            fns = {k: (lambda m=m: call(m)) for k, m in variants.items()}
             res = C.time_variants(fns, args.device, args.warmup, args.reps)
-            mem = {k: C.peak_memory(f, args.device) for k, f in fns.items()}
-        for k, r in res.items():
-            variant, _, ratio = k.partition("@")
-            C.emit("stack72", variant=variant, ratio=float(ratio) if ratio else None, linears=6 * layers,
-                   shape=[args.stack_tokens, 768], dtype=dt, device=str(args.device), ms=r["ms"], ms_min=r["ms_min"],
-                   params=C.num_params(variants[k]), dense_equivalent_tflops=round(dense_flops / r["ms"] / 1e9, 3),
-                   speedup_vs_dense=round(res["dense"]["ms"] / r["ms"], 3),
-                   speedup_vs_original=round(res["original"]["ms"] / r["ms"], 3),
-                   **({"peak_memory": mem[k]} if mem[k] else {}))
+        paths = {k: path_counts(m) for k, m in variants.items() if k.startswith("compact")}
+        emit_compare(what, res, params, mem, paths, tokens, dense_flops, linears=len(linears), shape=[tokens, hidden],
+                     dtype=dt, device=str(args.device), compiled=args.compile)
+        del variants
 
 
 def main(argv=None):
@@ -163,7 +308,9 @@ def main(argv=None):
     if not args.skip_models:
         bench_models(args)
     if not args.skip_stack:
-        bench_stack(args)
+        bench_stack(args, "stack72", args.layers or 12, 768, 3072, False, args.stack_tokens, True)
+    if not args.skip_llama:
+        bench_stack(args, "stack_llama", args.llama_blocks, 4096, 11008, True, args.llama_tokens, False)
 
 
 if __name__ == "__main__":

@@ -416,7 +416,8 @@ def test_compression_report_numbers():
     with torch.no_grad():
         holder.dense.sparse.weight[3:] = 0
     rep = utils.compression_report(holder)
-    assert rep.layers == [{"name": "dense", "out_features": 8, "in_features": 16, "rank": 2, "kept_rows": 3}]
+    assert rep.layers == [{"name": "dense", "out_features": 8, "in_features": 16, "rank": 2, "kept_rows": 3,
+                          "path": "uncompacted"}]
     assert (rep.dense_params, rep.low_rank_params, rep.sparse_params) == (128, 48, 48)
     assert rep.effective_ratio == pytest.approx(96 / 128)
     assert rep.model_params == 136 + 96 + 8 and rep.model_params_dense_equivalent == 136 + 136
