@@ -21,7 +21,7 @@ from conftest import REPO, build_tiny_model
 
 import utils
 
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "benchmarks"))  # _opcount, bench_train
 from _opcount import count_ops  # noqa: E402
 
 
@@ -214,3 +214,26 @@ def test_compile_fullgraph_same_results():
     assert all(torch.allclose(g_c[n], g[n], rtol=1e-6, atol=1e-6) for n in g)
     y_b, _, _ = _run(layer, compiled, x, torch.bfloat16)
     assert y_b.dtype == torch.bfloat16 and (y_b.float() - y).abs().max() <= 2e-2 * y.abs().max()
+
+
+def test_bench_train_smoke(capsys):
+    """benchmarks/bench_train.py on a 1-layer BERT-base: the figures it prints are the ones measured here."""
+    import json
+
+    import bench_train
+
+    bench_train.main(["--models", "bert", "--layers", "1", "--batch-size", "4", "--seq-len", "160", "--vocab-size",
+                      "1000", "--warmup", "0", "--reps", "1"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows[0]["what"] == "env"
+    steps = {r["variant"]: r for r in rows if r["what"] == "train_step"}
+    assert list(steps) == list(bench_train.VARIANTS)
+    dense, old, new = steps["dense"], steps["losparse_factored"], steps["losparse"]
+    assert all(r["ms"] > 0 and r["ops_fwd_bwd"] > 0 for r in steps.values())
+    # 6 LoSparse matrices at 640 rows (>= 614 for 768 x 3072): merged, 4 GEMMs (+ a saved-tensor detach) each
+    assert 4 * 6 <= new["ops_fwd_bwd"] - dense["ops_fwd_bwd"] <= 5 * 6
+    assert old["ops_fwd_bwd"] > new["ops_fwd_bwd"] + 6 * 10
+    assert new["saved_activation_bytes"] == dense["saved_activation_bytes"] < old["saved_activation_bytes"]
+    assert steps["losparse_window_step"]["masked_matrices"] == 6
+    assert steps["losparse_window_step"]["pruner_ops_per_matrix"] <= 2 + 16 / 6
+    assert steps["losparse_mask_step"]["pruner_ops"] > steps["losparse_window_step"]["pruner_ops"]
