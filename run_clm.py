@@ -98,6 +98,10 @@ def parse_args(argv=None):
                              "first string column).")
     parser.add_argument("--no_keep_linebreaks", action="store_true",
                         help="Do not keep line breaks when using txt files.")
+    parser.add_argument("--text_suffix", type=str, default=None,
+                        help="A string appended to every text before tokenization, e.g. a line break or the EOS "
+                             "token when each csv/json row is a separate document (texts are concatenated into "
+                             "blocks; txt lines keep their own line breaks). Python escapes (\\n) are decoded.")
     parser.add_argument("--block_size", type=int, default=None,
                         help="Training and evaluation blocks: the tokenized texts are concatenated and cut into "
                              "blocks of this many tokens (default: min(1024, the model's context)).")
@@ -492,8 +496,10 @@ def main(argv=None):
 
     # Preprocessing the datasets: tokenize every text, concatenate them and cut the result in blocks of block_size
     # (the remainder of each map batch is dropped), as the Hugging Face example does.
+    suffix = "" if args.text_suffix is None else args.text_suffix.encode("utf-8").decode("unicode_escape")
+
     def tokenize_function(examples):
-        texts = [t if isinstance(t, str) else "" for t in examples[text_column]]
+        texts = [(t if isinstance(t, str) else "") + suffix for t in examples[text_column]]
         return tokenizer(texts)
 
     def group_texts(examples):

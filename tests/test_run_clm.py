@@ -414,3 +414,25 @@ def test_train_clm_sh_commands_parse():
     for a in parsed:
         assert (a.dataset_name, a.dataset_config_name, a.eval_split, a.block_size) == \
             ("wikitext", "wikitext-2-raw-v1", "test", 2048)
+
+
+def test_bench_generate_smoke():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_generate.py"), "--models", "llama7b",
+                           "--layers", "1", "--hidden-size", "64", "--intermediate-size", "128", "--vocab-size", "300",
+                           "--prompt-len", "8", "--new-tokens", "3", "--reps", "1", "--warmup", "0", "--threads", "1",
+                           "--ratios", "0.3"], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert rows[0]["what"] == "env"
+    gen = {r["variant"]: r for r in rows if r["what"] == "generate"}
+    assert set(gen) == {"dense", "compact_0.3"}
+    assert gen["dense"]["effective_ratio"] == 1.0 and gen["dense"]["decode_speedup"] == 1.0
+    # low-rank 0.05 (ranks rounded up) + round(0.25 x rows) of every S
+    assert gen["compact_0.3"]["effective_ratio"] == pytest.approx(0.3, abs=0.05)
+    assert gen["compact_0.3"]["params"] < gen["dense"]["params"]
+    for r in gen.values():
+        assert r["prefill_ms"] > 0 and r["decode_tokens_per_s"] > 0
