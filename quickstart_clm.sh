@@ -28,8 +28,8 @@ EVAL_BLOCKS=${QUICKSTART_CLM_EVAL_BLOCKS:-64}
 GEN_TOKENS=${QUICKSTART_CLM_GEN_TOKENS:-32}
 common=(--model_name_or_path "$MODEL" --gguf_file "$GGUF" --train_file data/wordnet_topics/train.csv
         --validation_file data/wordnet_topics/validation.csv --text_column sentence1 --text_suffix '\n' --block_size 32
-        --per_device_train_batch_size 4 --per_device_eval_batch_size 8 --max_eval_samples "$EVAL_BLOCKS"
-        --max_train_steps "$STEPS" --seed 42)
+        --per_device_train_batch_size 4 --per_device_eval_batch_size 8 --max_eval_samples "$EVAL_BLOCKS" --seed 42)
+train=(--max_train_steps "$STEPS")
 runs=()
 seconds=()
 
@@ -40,14 +40,14 @@ runs+=("loaded=$OUT/loaded"); seconds+=($(( $(date +%s) - start )))
 
 echo "== full fine-tuning ($STEPS steps) ==" >&2
 start=$(date +%s)
-"$PY" run_clm.py "${common[@]}" --learning_rate 5e-5 --num_warmup_steps 2 --no_losparse --output_dir "$OUT/full"
+"$PY" run_clm.py "${common[@]}" "${train[@]}" --learning_rate 5e-5 --num_warmup_steps 2 --no_losparse --output_dir "$OUT/full"
 runs+=("full=$OUT/full"); seconds+=($(( $(date +%s) - start )))
 
 for r in $RATIOS; do
   low=${r%%:*}; final=${r##*:}
   echo "== LoSparse low-rank $low + sparse $final ($STEPS steps) ==" >&2
   start=$(date +%s)
-  "$PY" run_clm.py "${common[@]}" --learning_rate 2e-4 --num_warmup_steps 2 --low_rank_parameter_ratio "$low" \
+  "$PY" run_clm.py "${common[@]}" "${train[@]}" --learning_rate 2e-4 --num_warmup_steps 2 --low_rank_parameter_ratio "$low" \
     --final_threshold "$final" --initial_warmup 1 --final_warmup 3 --warmup_steps "$WARMUP" --deltaT 2 \
     --svd auto --output_dir "$OUT/losparse_${low}_${final}"
   runs+=("losparse_${low}_${final}=$OUT/losparse_${low}_${final}"); seconds+=($(( $(date +%s) - start )))
