@@ -5,7 +5,7 @@
 # parameters, file size and greedy generation speed (tokens/s) of the dense and the compacted models, as a table.
 #   bash quickstart_clm.sh                                 # the full run (minutes on 2 idle CPU cores)
 #   bash quickstart.sh clm                                 # the same
-#   QUICKSTART_CLM_MAX_STEPS=4 QUICKSTART_CLM_RATIOS=0.25:0.25 bash quickstart_clm.sh   # a smoke run
+#   QUICKSTART_CLM_MAX_STEPS=6 QUICKSTART_CLM_RATIOS=0.25:0.25 bash quickstart_clm.sh   # a smoke run
 # Each LoSparse ratio is LOW_RANK:FINAL_THRESHOLD (the kept fraction of the substituted matrices is their sum).
 # LOSPARSE_PYTHON=/path/to/python skips the ./.venv set-up and uses that interpreter.
 set -euo pipefail
