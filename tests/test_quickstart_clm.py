@@ -50,7 +50,10 @@ def test_quickstart_clm_reduced_steps(tmp_path):
     assert loaded["ratio"] == full["ratio"] == 1.0
     # low-rank 0.25 (ranks rounded up: 25.05 % of the entries) + 25 % of the rows of S, within one row per layer
     assert abs(los["ratio"] - (0.2505 + 0.25)) <= 0.0001 + ONE_ROW_PER_LAYER / DENSE_ENTRIES
-    assert los["params"] == pytest.approx(PARAMS - DENSE_ENTRIES * (1 - los["ratio"]), abs=1)
+    # stored compactly: the untouched parameters plus at most ratio x the substituted entries (a layer whose compact
+    # form would be larger than dense, e.g. a v_proj that kept every row after 5 steps, is stored merged)
+    untouched = PARAMS - DENSE_ENTRIES
+    assert untouched + 0.25 * DENSE_ENTRIES < los["params"] <= untouched + los["ratio"] * DENSE_ENTRIES + 1
     # fp32 files: 4 bytes a parameter (+ the compact file's int64 row indices and headers)
     assert full["bytes"] == pytest.approx(4 * PARAMS, rel=0.001)
     assert los["bytes"] == pytest.approx(4 * los["params"], rel=0.01) and los["file"].endswith("compact/model.safetensors")
