@@ -4,9 +4,14 @@
 # data/wordnet_topics), on CPU and offline; then fine-tune the same model fully as a baseline and print a table.
 #   bash quickstart.sh                          # the full run (a few minutes on 2 CPU cores)
 #   QUICKSTART_MAX_STEPS=30 bash quickstart.sh  # a smoke run
+#   bash quickstart.sh clm                      # the LLM quickstart instead (quickstart_clm.sh)
 # LOSPARSE_PYTHON=/path/to/python skips the ./.venv set-up and uses that interpreter.
 set -euo pipefail
 cd "$(dirname "$0")"
+if [ "${1:-}" = clm ]; then  # the LLM quickstart: SmolLM2-135M with run_clm.py (see quickstart_clm.sh)
+  shift
+  exec bash quickstart_clm.sh "$@"
+fi
 if [ -n "${LOSPARSE_PYTHON:-}" ]; then
   PY=$LOSPARSE_PYTHON
 else

@@ -580,8 +580,17 @@ def _substitute(module, allow_name, block_name, ratio, has_sparse, do_svd, kwarg
                 replaced.append({"name": qual, "in_features": layer.in_feature, "out_features": layer.out_feature,
                                  "rank": layer.reduced_rank})
             setattr(module, name, memo[id(child)])
+        elif _is_conv1d(child) and any(name in a for a in allow_name):
+            raise TypeError(
+                f"LoSparse: {qual} is a transformers Conv1D (GPT-2 style, weight stored in x out), not an nn.Linear; "
+                "it is not supported. Leave its name out of allow_name, or use a model with nn.Linear projections.")
         elif not any(name in b for b in block_name):
             _substitute(child, allow_name, block_name, ratio, has_sparse, do_svd, kwargs, qual + ".", replaced, memo)
+
+
+def _is_conv1d(module):
+    """transformers' ``Conv1D`` (GPT-2, ...): a linear layer with its weight stored transposed (in x out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
 @torch.no_grad()

@@ -50,7 +50,7 @@ def _parser_flags(module):
     return {s for a in seen["parser"]._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
 
 
-@pytest.mark.parametrize("script", ["run_glue", "run_qa", "run_summarization"])
+@pytest.mark.parametrize("script", ["run_glue", "run_qa", "run_summarization", "run_clm"])
 def test_every_flag_is_in_the_readme(script):
     import importlib
 
