@@ -436,3 +436,46 @@ def test_bench_generate_smoke():
     assert gen["compact_0.3"]["params"] < gen["dense"]["params"]
     for r in gen.values():
         assert r["prefill_ms"] > 0 and r["decode_tokens_per_s"] > 0
+
+
+def test_run_clm_fsdp2_matches_one_process(assets):
+    """``--fsdp2`` over 2 gloo processes (2 x 2 blocks) against 1 process (1 x 4): same masks, weights, ratio."""
+    import os
+    import subprocess
+    import sys
+
+    root = assets["root"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true",
+               PYTHONPATH=str(REPO), **assets["env"])
+    runs = {}
+    for name, launcher, batch, extra in (("single", [], 4, []),
+                                         ("fsdp2", ["-m", "torch.distributed.run", "--standalone",
+                                                    "--nproc_per_node", "2"], 2, ["--fsdp2"])):
+        out = root / f"fsdp2-{name}"
+        args = ["--model_name_or_path", root / "llama", "--train_file", root / "train.txt", "--validation_file",
+                root / "validation.txt", "--block_size", BLOCK, "--max_train_samples", 16,
+                "--per_device_train_batch_size", batch, "--per_device_eval_batch_size", 4, "--max_train_steps", 12,
+                "--learning_rate", 3e-3, "--seed", 5, *LOSPARSE, "--output_dir", out, *extra]
+        proc = subprocess.run([sys.executable, *launcher, str(REPO / "run_clm.py"), *[str(a) for a in args]],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        _check_ok(proc)
+        runs[name] = (out, proc.stdout + proc.stderr)
+    assert "model sharded with FSDP2 (fully_shard) over 2 ranks" in runs["fsdp2"][1]
+    one = torch.load(runs["single"][0] / "pytorch_model.bin", weights_only=True)
+    two = torch.load(runs["fsdp2"][0] / "pytorch_model.bin", weights_only=True)
+    assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in two.items()}
+    zeroed = 0
+    for k, v in one.items():
+        if k.endswith("sparse.weight"):
+            assert torch.equal((v == 0).all(dim=1), (two[k] == 0).all(dim=1)), k  # the same rows pruned
+            zeroed += int((v == 0).all(dim=1).sum())
+        assert (v - two[k]).abs().max() <= 1e-4 * max(1.0, v.abs().max().item()), k
+    assert zeroed > 0
+    r1, r2 = _results(runs["single"][0]), _results(runs["fsdp2"][0])
+    assert r1["effective_ratio"] == r2["effective_ratio"]
+    assert r2["perplexity"] == pytest.approx(r1["perplexity"], rel=1e-4)
+    from safetensors.torch import load_file
+    c1, c2 = load_file(runs["single"][0] / "compact" / "model.safetensors"), \
+        load_file(runs["fsdp2"][0] / "compact" / "model.safetensors")
+    assert {k: v.shape for k, v in c1.items()} == {k: v.shape for k, v in c2.items()}
