@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_script, save_tiny_model
+from conftest import REPO, losparse_layers_from_state_dict, losparse_ratios, run_script, save_tiny_model
 
 import run_glue
 import utils
@@ -138,28 +138,7 @@ def runs(assets):
     return get
 
 
-def _layers_from_state_dict(sd):
-    """Shapes, ranks and kept rows of every LoSparse layer of an original-layout state dict."""
-    layers = []
-    for k in sorted(sd):
-        if not k.endswith(".left.weight"):
-            continue
-        p = k[: -len("left.weight")]
-        if p + "sparse.weight" in sd:
-            rows = int((sd[p + "sparse.weight"] != 0).any(dim=1).sum())
-        else:
-            rows = int(sd[p + "sparse_weight_pruned"].shape[0])
-        layers.append({"name": p[:-1], "out": sd[k].shape[0], "rank": sd[k].shape[1],
-                       "in": sd[p + "right.weight"].shape[1], "rows": rows})
-    return layers
-
-
-def _ratios(layers):
-    dense = sum(l["out"] * l["in"] for l in layers)
-    low = sum(l["rank"] * (l["out"] + l["in"]) for l in layers) / dense
-    sparse = sum(l["rows"] * l["in"] for l in layers) / dense
-    one_row_per_layer = sum(l["in"] for l in layers) / dense
-    return low, sparse, one_row_per_layer
+_layers_from_state_dict, _ratios = losparse_layers_from_state_dict, losparse_ratios
 
 
 def _load(path):
