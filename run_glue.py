@@ -542,6 +542,8 @@ def main(argv=None):
     eval_dataloaders = {split: DataLoader(processed_datasets[split], collate_fn=data_collator,
                                           batch_size=args.per_device_eval_batch_size, generator=torch.Generator())
                         for split in eval_splits}
+    if args.fsdp2 or getattr(accelerator, "is_fsdp2", False):  # bigger than one GPU: ranks hold whole rows
+        model = utils.apply_fsdp2(model, accelerator)
     pruner, train_state = None, None
     if do_train:
         train_generator = torch.Generator()
@@ -561,6 +563,7 @@ def main(argv=None):
 
         # Prepare everything with our `accelerator`; the train dataloader first, its length may change.
         model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+        utils.fsdp2_checkpointing(accelerator, model, optimizer)  # FSDP2: save_state writes full, 1-process files
 
         # Scheduler and math around the number of training steps.
         num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
@@ -777,7 +780,7 @@ def main(argv=None):
         logger.info(f"mnli-mm: {mm}")
         results.update({f"eval_{k}_mm": v for k, v in mm.items()})
 
-    unwrapped_model = accelerator.unwrap_model(model)
+    unwrapped_model = utils.fsdp2_full_model(accelerator.unwrap_model(model))  # FSDP2: gather the full weights
     report = utils.compression_report(unwrapped_model)
     if accelerator.is_main_process:
         logger.info("LoSparse compression report\n" + report.table())

@@ -435,6 +435,8 @@ def main():
         predict_dataloader = DataLoader(predict_dataset.remove_columns(["example_id", "offset_mapping"]),
                                         collate_fn=data_collator, batch_size=args.per_device_eval_batch_size)
 
+    if args.fsdp2 or getattr(accelerator, "is_fsdp2", False):  # bigger than one GPU: ranks hold whole rows
+        model = utils.apply_fsdp2(model, accelerator)
     if not do_train:
         model, eval_dataloader = accelerator.prepare(model, eval_dataloader)
         train_dataloader = None
@@ -459,6 +461,7 @@ def main():
         # Prepare everything with our `accelerator`; the schedule is sized on the prepared (sharded) dataloader.
         model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
             model, optimizer, train_dataloader, eval_dataloader)
+        utils.fsdp2_checkpointing(accelerator, model, optimizer)  # FSDP2: save_state writes full, 1-process files
         num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
         if args.max_train_steps is None:
             args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
@@ -684,7 +687,7 @@ def main():
 
     if args.output_dir is not None:
         accelerator.wait_for_everyone()
-        unwrapped_model = accelerator.unwrap_model(model)
+        unwrapped_model = utils.fsdp2_full_model(accelerator.unwrap_model(model))  # FSDP2: gather the full weights
         if args.eval_checkpoint is None:
             unwrapped_model.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
                                             save_function=accelerator.save)

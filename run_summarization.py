@@ -423,7 +423,8 @@ def generate_and_score(model, dataloader, accelerator, tokenizer, args):
     """Generate with ``--num_beams`` (under the accelerator's autocast) and score ROUGE; returns (scores, preds)."""
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
-    gen_kwargs = {"max_length": args.val_max_target_length, "num_beams": args.num_beams}
+    gen_kwargs = {"max_length": args.val_max_target_length, "num_beams": args.num_beams,
+                  "synced_gpus": any(utils._is_sharded(p) for p in unwrapped.parameters())}  # FSDP2: same steps
     predictions, references, gen_lens = [], [], []
     for batch in dataloader:
         with torch.no_grad(), accelerator.autocast():
@@ -640,6 +641,8 @@ def main():
         test_dataloader = DataLoader(test_dataset, collate_fn=data_collator, batch_size=args.per_device_eval_batch_size,
                                      generator=torch.Generator().manual_seed(0))
 
+    if args.fsdp2 or getattr(accelerator, "is_fsdp2", False):  # bigger than one GPU: ranks hold whole rows
+        model = utils.apply_fsdp2(model, accelerator)
     # Optimizer. Split weights in two groups, one with weight decay and the other not.
     no_decay = ["bias", "LayerNorm.weight", "layer_norm.weight"]
     optimizer_grouped_parameters = [
@@ -664,6 +667,7 @@ def main():
     # Prepare everything with our `accelerator`.
     model, optimizer, eval_dataloader, lr_scheduler = accelerator.prepare(model, optimizer, eval_dataloader,
                                                                           lr_scheduler)
+    utils.fsdp2_checkpointing(accelerator, model, optimizer)  # FSDP2: save_state writes full, 1-process files
     if train_dataloader is not None:
         train_dataloader = accelerator.prepare(train_dataloader)
     if test_dataloader is not None:
@@ -828,7 +832,7 @@ def main():
 
     if args.output_dir is not None:
         accelerator.wait_for_everyone()
-        unwrapped_model = accelerator.unwrap_model(model)
+        unwrapped_model = utils.fsdp2_full_model(accelerator.unwrap_model(model))  # FSDP2: gather the full weights
         unwrapped_model.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process)
         if accelerator.is_main_process:
             tokenizer.save_pretrained(args.output_dir)

@@ -8,7 +8,8 @@ One drop-in module, in reading order:
 4. the pruner         ``Pruner`` (cubic schedule, PLATON importance, masking, ``state_dict``)
 5. checkpoint I/O     ``load_checkpoint``, ``save_checkpoint``, ``export_compact``, ``load_compact``,
    and reporting      ``compression_report``
-6. argparse helper    ``add_losparse_args``, ``validate_losparse_args``
+6. argparse helper    ``add_losparse_args``, ``validate_losparse_args``, ``check_distributed_support``
+7. FSDP2              ``apply_fsdp2``, ``fsdp2_checkpointing``, ``fsdp2_full_model`` (models bigger than one GPU)
 
 The three hooks of the original README::
 
@@ -20,16 +21,26 @@ Public names, signatures and state-dict keys (``left.weight``, ``right.weight``,
 ``bias``, ``sparse_weight_pruned``) are those of the original code; differences are listed in README.md.
 """
 import argparse
+import copy
 import json
 import logging
 import math
 import os
 import random
+import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:  # FSDP2 parameters
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover  (torch 2.4)
+    try:
+        from torch.distributed._tensor import DTensor as _DTensor
+    except ImportError:
+        _DTensor = None
 
 logger = logging.getLogger("losparse")
 
@@ -37,12 +48,22 @@ __all__ = [
     "low_rank_decomposition", "LinearLoSparse", "substitute_layer_weights", "prune", "Pruner",
     "load_checkpoint", "save_checkpoint", "export_compact", "load_compact", "compression_report",
     "CompressionReport", "CheckpointMismatchError", "add_losparse_args", "validate_losparse_args",
-    "check_distributed_support",
+    "check_distributed_support", "apply_fsdp2", "fsdp2_checkpointing", "fsdp2_full_model",
 ]
 
 SVD_METHODS = ("full", "randomized", "auto")
 REMOVE_CRITERIA = ("max_eigenvalue", "min_eigenvalue", "random")
 LOG_LEVELS = ("IGNORE", "INFO", "DEBUG")
+
+
+def _is_sharded(t):
+    """Whether ``t`` is a ``DTensor`` (a parameter, gradient or result of FSDP2's ``fully_shard``)."""
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def _local(t):
+    """The part of ``t`` this rank holds: the local rows of an FSDP2 ``DTensor``, any other tensor itself."""
+    return t.to_local() if _is_sharded(t) else t
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -126,6 +147,61 @@ def low_rank_decomposition(weight, rank_ratio=0.1, parameter_ratio=0.15, remove_
 # ----------------------------------------------------------------------------------------------------
 # 2. The layer
 # ----------------------------------------------------------------------------------------------------
+def _merge_pays(rows, in_f, out_f):
+    """Training forward: build ``W = L R + S`` when that is cheaper than the low-rank product of the input.
+
+    Merging costs ``out * in * r`` multiply-adds once per call, the factored path ``rows * r * (in + out)``; both
+    then do the dense ``S`` product. So merge when ``rows >= out * in / (in + out)`` (384 rows for 768 x 768):
+    training batches merge, token-by-token generation stays factored.
+    """
+    return rows * (in_f + out_f) >= in_f * out_f
+
+
+class _MergedLinear(torch.autograd.Function):
+    """``y = x (L R + S)^T + b`` as one dense GEMM on ``W = addmm(S, L, R)``, with W never saved.
+
+    Backward: ``gW = gy^T x`` is the gradient of S, ``gW R^T`` that of L, ``L^T gW`` that of R (the chain rule
+    through W), ``gy W`` that of x, with W rebuilt from the parameters. So a step runs the dense model's GEMMs
+    plus three ``out x r x in`` ones, and keeps the dense model's activations. Under autocast W is built in the
+    parameters' dtype and cast once (``dtype``): the cast copy is what a dense ``nn.Linear`` saves too.
+    """
+
+    @staticmethod
+    def forward(ctx, x, L, R, S, bias, dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            W = torch.addmm(S, L, R)
+            if dtype is not None and dtype != W.dtype:
+                W, x = W.to(dtype), x.to(dtype)
+                bias = None if bias is None else bias.to(dtype)
+            y = F.linear(x, W, bias)
+        # W is a fresh tensor in the parameters' dtype: rebuilding it in backward keeps activation memory at
+        # the dense model's; a cast copy (autocast) is saved, as nn.Linear's cast weight would be.
+        ctx.save_for_backward(x, L, R, S, W if W.dtype != S.dtype else None)
+        ctx.dtype, ctx.has_bias = W.dtype, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, L, R, S, W = ctx.saved_tensors
+        need_x, need_L, need_R, need_S, need_b = ctx.needs_input_grad[:5]
+        gx = gL = gR = gS = gb = None
+        with torch.autocast(gy.device.type, enabled=False):
+            gy = gy.to(ctx.dtype)
+            gy2 = gy.reshape(-1, gy.shape[-1])
+            if need_x:
+                if W is None:
+                    W = torch.addmm(S, L, R)
+                gx = (gy2 @ W).view(*gy.shape[:-1], W.shape[1])
+            if need_L or need_R or need_S:
+                gW = (gy2.t() @ x.reshape(-1, x.shape[-1])).to(S.dtype)
+                gS = gW if need_S else None
+                gL = gW @ R.t() if need_L else None
+                gR = L.t() @ gW if need_R else None
+            if need_b and ctx.has_bias:
+                gb = gy2.sum(0, dtype=torch.float32).to(S.dtype)
+        return gx, gL, gR, gS, gb, None
+
+
 class LinearLoSparse(nn.Module):
     """``y = x (L R + S)^T + b`` with ``left`` = L (out x r), ``right`` = R (r x in), ``sparse`` = S (out x in).
 
@@ -165,7 +241,8 @@ class LinearLoSparse(nn.Module):
             return 0
         if self.is_compacted:
             return int(self.sparse_weight_pruned.shape[0])
-        return int((self.sparse.weight != 0).any(dim=1).sum())
+        rows = (self.sparse.weight != 0).any(dim=1)
+        return int((rows.full_tensor() if _is_sharded(rows) else rows).sum())  # FSDP2: all ranks call this
 
     def num_parameters(self, compact=True):
         """Parameters of L, R, the kept rows of S and the bias (``compact=False``: with the dense S)."""
@@ -191,7 +268,12 @@ class LinearLoSparse(nn.Module):
         if not self.has_sparse:
             return F.linear(self.right(x), self.left.weight, self.bias)
         if not self.is_compacted:
-            return F.linear(self.right(x), self.left.weight, self.bias).add_(self.sparse(x))
+            if _merge_pays(x.numel() // x.shape[-1], self.in_feature, self.out_feature):
+                dev = x.device.type
+                dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+                return _MergedLinear.apply(x, self.left.weight, self.right.weight, self.sparse.weight, self.bias,
+                                           dtype)
+            return F.linear(self.right(x), self.left.weight, self.bias) + self.sparse(x)
         r, k = self.reduced_rank, self.nonzero_idx.numel()
         if k == 0:
             return F.linear(self.right(x), self.left.weight, self.bias)
@@ -313,6 +395,7 @@ def prune(module):
 
     Returns the number of layers compacted. Re-create the optimizer afterwards: the parameters changed.
     """
+    _refuse_sharded(module, "prune")
     layers = [m for m in module.modules() if isinstance(m, LinearLoSparse)]
     for m in layers:
         m.prune_sparse()
@@ -358,6 +441,11 @@ class Pruner(object):
     statistics are kept: the mean of an EMA is the EMA of the mean, so scores and masks are those of the
     element-wise computation, without full-size copies of S. The threshold is the k-th smallest of the
     element-wise scores, found from the aggregated scores weighted by their multiplicity.
+
+    FSDP2 (parameters and gradients are ``DTensor`` row shards): statistics are kept for the local rows; column
+    sums are all-reduced; at a mask step the aggregated scores of all ranks (with their multiplicities) are
+    all-gathered, every rank finds the same global threshold as one process would, and masks its own rows.
+    ``state_dict`` gathers the statistics into the single-process layout (a collective: call it on every rank).
     """
 
     def __init__(self, model, args, total_step, tb_writer=None, mask_param_name=None, non_mask_name=None,
@@ -393,8 +481,11 @@ class Pruner(object):
         # Statistics per (unwrapped) parameter name; reduced to rows/columns on the fast path.
         self.ipt, self.exp_avg_ipt, self.exp_avg_unc = {}, {}, {}
         self.reduced = pruner_name == "PLATON" and self.beta2 == 1.0 and structured_method in ("mean", "sum")
+        self._groups, self._stats_key = [], None  # flat statistics per device (see _ensure_stats)
+        self._weights = None  # (layout, multiplicity of every score) for the threshold
         self._nonfinite = None  # device counter of skipped updates (read only at mask steps: no sync)
         self._nonfinite_reported = 0
+        self._row_sharded, self._sharded_weights = {}, None  # FSDP2 (see _ensure_stats, _sharded_threshold)
         self._check_sharding(model)
 
     # -- which parameters, which axis -----------------------------------------------------------------
@@ -417,15 +508,22 @@ class Pruner(object):
             direction = "row" if parts and parts[-1] in ROW_COL_ROW_NAMES else "col"
         return 1 if direction == "row" else 0
 
-    @staticmethod
-    def _check_sharding(model):
+    def _check_sharding(self, model):
+        """Accept full parameters and FSDP2 row shards (``DTensor``, ``Shard(0)`` on a 1-D mesh); refuse the rest."""
+        self._shard_group = None
         for n, p in model.named_parameters():
-            if hasattr(p, "ds_id") or hasattr(p, "ds_numel") or type(p).__name__ == "FlatParameter" or \
-                    getattr(p, "_is_sharded", False) or type(p).__name__ == "DTensor":
+            fsdp2_rows = _is_sharded(p) and p.device_mesh.ndim == 1 and p.placements[0].is_shard(0)
+            if fsdp2_rows:
+                if self.whether_mask_para(_clean_name(n)) and self._shard_group is None:
+                    self._shard_group = p.device_mesh.get_group()
+                continue
+            if hasattr(p, "ds_id") or hasattr(p, "ds_numel") or type(p).__name__ in ("FlatParameter", "DTensor") or \
+                    getattr(p, "_is_sharded", False):
                 raise RuntimeError(
-                    f"Pruner: parameter {n!r} is sharded (DeepSpeed ZeRO-3 / FSDP). LoSparse pruning needs full "
-                    "parameters and gradients on every rank: use a single process or DDP (accelerate launch "
-                    "--multi_gpu); see utils.check_distributed_support.")
+                    f"Pruner: parameter {n!r} is sharded in a way LoSparse cannot prune (DeepSpeed ZeRO-3, FSDP1 flat "
+                    "parameters, tensor parallel or a 2-D mesh): use a single process or DDP (accelerate launch "
+                    "--multi_gpu), or FSDP2 (--fsdp2, or accelerate launch --use_fsdp --fsdp_version 2), whose "
+                    "row shards the Pruner handles; see utils.check_distributed_support.")
 
     # -- schedule -------------------------------------------------------------------------------------
     def schedule_threshold_comb(self, step: int):
@@ -444,78 +542,143 @@ class Pruner(object):
     cubic_remaining_ratio = schedule_threshold_comb
 
     # -- importance -----------------------------------------------------------------------------------
-    def _reduce(self, t, axis):
-        if axis is None:
-            return t.float()
-        if self.structured_method == "mean":
-            return t.mean(dim=axis, dtype=torch.float32)
-        return t.sum(dim=axis, dtype=torch.float32)
+    # The statistics of all masked matrices live in one flat float32 tensor per device and kind (``ipt``,
+    # ``exp_avg_ipt``, ``exp_avg_unc``), one segment per matrix: its rows/columns on the reduced path, every
+    # entry otherwise. A window step is then two kernels per matrix (``S * G`` and its L1 norm written
+    # straight into the segment) plus a handful for all matrices together (EMA, window average, the
+    # non-finite guard): on a GPU each op is a launch. ``self.ipt[name]`` etc. are views of the segments.
+    def _stat_kinds(self):
+        return ("ipt", "exp_avg_ipt") + (("exp_avg_unc",) if self.beta2 > 0 and self.beta2 != 1 else ())
+
+    def _ensure_stats(self, params):
+        """(Re)build the flat statistics for ``params`` (name, parameter), keeping the values of known names."""
+        local = [(n, p, _local(p)) for n, p in params]  # FSDP2: the local rows; p.shape stays the global one
+        key = tuple((n, tuple(t.shape), t.device) for n, _, t in local)
+        if key == self._stats_key:
+            return
+        old = {kind: {n: t.detach() for n, t in getattr(self, kind).items()} for kind in self._stat_kinds()}
+        by_device = {}
+        self._row_sharded = {}  # FSDP2: names whose statistics hold this rank's rows (the others are replicated)
+        for n, p, t in local:
+            axis = self._axis(n, p) if self.reduced else None
+            shape = (t.shape[1 - axis],) if axis is not None else tuple(t.shape)
+            self._row_sharded[n] = _is_sharded(p) and axis != 0
+            if _is_sharded(p) and self._shard_group is None:
+                self._shard_group = p.device_mesh.get_group()
+            by_device.setdefault(t.device, []).append((n, axis, shape, 1 if axis is None else p.shape[axis]))
+        self._groups = []
+        for kind in self._stat_kinds():
+            setattr(self, kind, {})
+        for dev, segs in by_device.items():
+            segments, total = [], 0
+            for n, axis, shape, _ in segs:
+                segments.append((n, axis, shape, total, math.prod(shape)))
+                total += math.prod(shape)
+            flat = {kind: torch.zeros(total, dtype=torch.float32, device=dev) for kind in self._stat_kinds()}
+            for kind in self._stat_kinds():
+                for n, _, shape, off, size in segments:
+                    view = flat[kind][off:off + size].view(shape)
+                    if n in old[kind] and old[kind][n].numel() == size:
+                        view.copy_(old[kind][n].reshape(shape))
+                    getattr(self, kind)[n] = view
+            scale = None
+            if self.reduced and self.structured_method == "mean":  # the L1 norm is a sum: divide by the length
+                scale = torch.cat([torch.full((size,), 1.0 / length, device=dev)
+                                   for (_, _, _, length), (_, _, _, _, size) in zip(segs, segments)])
+            cur = torch.empty(total, dtype=torch.float32, device=dev)  # this step's |S * G|, reused every step
+            drop = torch.empty(total, dtype=torch.bool, device=dev)  # the mask step's rows (entries) to zero
+            self._groups.append({
+                "device": dev, "segments": segments, "flat": flat, "scale": scale, "cur": cur, "drop": drop,
+                "cur_views": [cur[off:off + size].view(shape) for _, _, shape, off, size in segments],
+                "drop_views": [drop[off:off + size].view(shape) if axis is None else
+                               drop[off:off + size].unsqueeze(axis) for _, axis, shape, off, size in segments],
+                "mult": [length for _, _, _, length in segs],
+                # FSDP2: segments whose values every rank holds in full (column scores after their all-reduce)
+                "replicated": [self._shard_group is not None and not self._row_sharded[n] for n, _, _, _ in segs],
+                "colsum": [(off, size) for n, axis, _, off, size in segments if axis == 0 and self._row_sharded.get(
+                    n) is False and self._shard_group is not None]})
+        self._stats_key = key
 
     @torch.no_grad()
     def update_ipt_with_local_window(self, model, global_step):
         """Accumulate ``|p * grad|`` over the window; at its start, fold the last window into the EMA."""
         if self.pruner_name == "Magnitude":
             return  # the score is |p| at mask time
-        masked = self._masked_params(model)
-        params = [(n, p) for n, p in masked if p.grad is not None]
-        if not params:
-            if any(p.requires_grad for _, p in masked):
+        masked = [(n, p) for n, p in self._masked_params(model) if p.requires_grad]
+        grads = {n: p.grad for n, p in masked if p.grad is not None}
+        if not grads:
+            if masked:
                 raise RuntimeError(
                     "Pruner.update_and_pruning: no sparse parameter has a gradient. Call it after "
                     "loss.backward()/optimizer.step() and before optimizer.zero_grad(); under DeepSpeed ZeRO or "
-                    "FSDP gradients are sharded, which LoSparse does not support (see check_distributed_support).")
+                    "FSDP1 gradients are sharded, which LoSparse does not support (see check_distributed_support).")
             return
-        cur = []
-        for n, p in params:
-            s = torch.mul(p, p.grad).abs_()
-            cur.append(self._reduce(s, self._axis(n, p) if self.reduced else None))
-        finite = torch.stack([torch.isfinite(c).all() for c in cur]).all()
+        self._ensure_stats(masked)
+        params = {n: _local(p) for n, p in masked}
+        grads = {n: _local(g) for n, g in grads.items()}
+        local_step = global_step % self.deltaT
+        update_step = global_step // self.deltaT
+        b1, b2 = self.beta1, self.beta2
+        curs, presents = [], []
+        for g in self._groups:
+            cur, present = g["cur"], None
+            for (n, axis, shape, off, size), out in zip(g["segments"], g["cur_views"]):
+                if n not in grads:  # no gradient this step (unused branch): leave this matrix's statistics alone
+                    present = torch.ones_like(cur, dtype=torch.bool) if present is None else present
+                    present[off:off + size] = False
+                    out.zero_()
+                    continue
+                s = torch.mul(params[n], grads[n])
+                if axis is None:
+                    torch.abs(s, out=out)
+                else:  # sum_j |s_ij| (or over i), accumulated in float32
+                    torch.linalg.vector_norm(s, 1, dim=axis, dtype=torch.float32, out=out)
+            if g["colsum"]:  # FSDP2: a column's sum over the rows of every rank
+                sums = torch.cat([cur[off:off + size] for off, size in g["colsum"]])
+                torch.distributed.all_reduce(sums, group=self._shard_group)
+                for (off, size), part in zip(g["colsum"], sums.split([size for _, size in g["colsum"]])):
+                    cur[off:off + size].copy_(part)
+            if g["scale"] is not None:
+                cur.mul_(g["scale"])
+            curs.append(cur)
+            presents.append(present)
+        finite = torch.isfinite(curs[0]).all()
+        for cur in curs[1:]:
+            finite = finite & torch.isfinite(cur).all().to(finite.device)
+        if self._shard_group is not None:  # FSDP2: skip the update on every rank if any rank saw inf/nan
+            flag = finite.to(torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self._shard_group)
+            finite = flag.bool()
         if self._nonfinite is None:
             self._nonfinite = torch.zeros((), dtype=torch.long, device=finite.device)
         self._nonfinite += (~finite).long()
 
-        local_step = global_step % self.deltaT
-        update_step = global_step // self.deltaT
-        b1, b2 = self.beta1, self.beta2
-        for (n, p), c in zip(params, cur):
-            if n not in self.ipt:
-                self.ipt[n] = torch.zeros_like(c)
-                self.exp_avg_ipt[n] = torch.zeros_like(c)
-                if b2 > 0 and b2 != 1:
-                    self.exp_avg_unc[n] = torch.zeros_like(c)
-            ipt, avg = self.ipt[n].to(c.device), self.exp_avg_ipt[n].to(c.device)
+        for g, cur, present in zip(self._groups, curs, presents):
+            ok = finite.to(cur.device) if present is None else present & finite.to(cur.device)
+            ipt, avg = g["flat"]["ipt"], g["flat"]["exp_avg_ipt"]
             if local_step == 0:
                 new_avg = b1 * avg + (1 - b1) * ipt
-                if n in self.exp_avg_unc:
-                    unc = self.exp_avg_unc[n].to(c.device)
+                if "exp_avg_unc" in g["flat"]:
+                    unc = g["flat"]["exp_avg_unc"]
                     if 0 < b2 < 1:
-                        new_unc = b2 * unc + (1 - b2) * (ipt - new_avg).abs()
+                        unc.copy_(torch.where(ok, b2 * unc + (1 - b2) * (ipt - new_avg).abs(), unc))
                     elif b2 == 2:
-                        new_unc = (update_step * unc + (ipt - new_avg) ** 2) / (update_step + 1)
-                    else:
-                        new_unc = unc
-                    self.exp_avg_unc[n] = torch.where(finite, new_unc, unc)
-                self.exp_avg_ipt[n] = torch.where(finite, new_avg, avg)
-                self.ipt[n] = torch.where(finite, c, ipt)
+                        unc.copy_(torch.where(ok, (update_step * unc + (ipt - new_avg) ** 2) / (update_step + 1), unc))
+                avg.copy_(torch.where(ok, new_avg, avg))
+                ipt.copy_(torch.where(ok, cur, ipt))
             else:
-                self.ipt[n] = torch.where(finite, (ipt * local_step + c) / (local_step + 1), ipt)
+                ipt.copy_(torch.where(ok, (ipt * local_step + cur) / (local_step + 1), ipt))
 
-    def _score(self, n, p):
-        """Importance of ``p`` (element-wise, or per row/column on the reduced path)."""
-        if self.pruner_name == "Magnitude":
-            return p.detach().abs().float()
-        if n not in self.exp_avg_ipt:
-            return torch.zeros(p.shape[1 - self._axis(n, p)] if self.reduced and self._axis(n, p) is not None
-                               else p.shape, device=p.device)
-        avg, ipt = self.exp_avg_ipt[n].to(p.device), self.ipt[n].to(p.device)
-        b2 = self.beta2
+    def _flat_scores(self, g):
+        """Scores of one device group's flat statistics (element-wise, or per row/column when reduced)."""
+        avg, b2 = g["flat"]["exp_avg_ipt"], self.beta2
         if 0 < b2 < 1:
-            return avg * self.exp_avg_unc[n].to(p.device)
+            return avg * g["flat"]["exp_avg_unc"]
         if b2 == 1:
             return avg
         if b2 == 2:
-            return avg * self.exp_avg_unc[n].to(p.device).sqrt()
-        return avg * (ipt - avg).abs()
+            return avg * g["flat"]["exp_avg_unc"].sqrt()
+        return avg * (g["flat"]["ipt"] - avg).abs()
 
     def _aggregate(self, score, n, p):
         """Return ``(scores, multiplicity, axis)``: one score per row/column (or per entry)."""
@@ -524,6 +687,8 @@ class Pruner(object):
             return score.reshape(-1), 1, None
         if not (self.reduced and score.dim() == 1):
             m = self.structured_method
+            if axis == 0 and _is_sharded(p):  # FSDP2: a column spans the rows of every rank
+                return self._sharded_column_scores(score, m, p.shape[0]), p.shape[axis], axis
             if m == "mean":
                 score = score.mean(dim=axis)
             elif m == "sum":
@@ -534,46 +699,136 @@ class Pruner(object):
                 score = score.amin(dim=axis)
         return score, p.shape[axis], axis
 
+    def _sharded_column_scores(self, score, method, rows):
+        """Column aggregates of row-sharded element scores: local partial results, all-reduced over the ranks."""
+        dist = torch.distributed
+        if method in ("mean", "sum"):
+            out, op = score.sum(dim=0), dist.ReduceOp.SUM
+        elif score.shape[0] == 0:  # this rank holds no row
+            out = score.new_full(score.shape[1:], float("-inf") if method == "max" else float("inf"))
+            op = dist.ReduceOp.MAX if method == "max" else dist.ReduceOp.MIN
+        else:
+            out = score.amax(dim=0) if method == "max" else score.amin(dim=0)
+            op = dist.ReduceOp.MAX if method == "max" else dist.ReduceOp.MIN
+        out = out.contiguous()
+        dist.all_reduce(out, op=op, group=self._shard_group)
+        return out / rows if method == "mean" else out
+
+    def _in_layout(self, params):
+        """The statistics' only group when its segments are ``params`` in order and need no aggregation."""
+        if self.pruner_name == "Magnitude" or not (self.reduced or self.structured_method is None):
+            return None
+        self._ensure_stats([(n, p) for n, p in params if p.requires_grad])
+        if len(self._groups) == 1 and [s[0] for s in self._groups[0]["segments"]] == [n for n, _ in params]:
+            return self._groups[0]
+        return None
+
+    def _all_scores(self, params):
+        """``(scores, multiplicities, lengths, axes)`` of every masked matrix, scores concatenated in order."""
+        device = _local(params[0][1]).device
+        if self.pruner_name == "Magnitude":
+            per = [self._aggregate(_local(p).detach().abs().float(), n, p) for n, p in params]
+        else:
+            self._ensure_stats([(n, p) for n, p in params if p.requires_grad])
+            flats = {s[0]: (g, s) for g in self._groups for s in g["segments"]}
+            scored = {id(g): self._flat_scores(g) for g in self._groups}
+            per = []
+            for n, p in params:
+                if n in flats:
+                    g, (_, _, shape, off, size) = flats[n]
+                    score = scored[id(g)][off:off + size].view(shape)
+                else:  # frozen: never scored
+                    t = _local(p)
+                    score = torch.zeros(t.shape[1 - self._axis(n, p)] if self.reduced and self._axis(n, p)
+                                        is not None else t.shape, device=t.device)
+                per.append(self._aggregate(score, n, p))
+        scores = torch.cat([s.reshape(-1).float().to(device) for s, _, _ in per])
+        return scores, [m for _, m, _ in per], [s.numel() for s, _, _ in per], [a for _, _, a in per]
+
     @torch.no_grad()
     def mask_with_threshold(self, model, threshold):
         """Zero the lowest-scoring rows (entries) so that a fraction ``threshold`` of S is kept."""
         params = self._masked_params(model)
         if not params:
             return None
-        groups = [(n, p) + self._aggregate(self._score(n, p), n, p) for n, p in params]
-        device = params[0][1].device
-        scores = torch.cat([g[2].reshape(-1).float().to(device) for g in groups])
-        scores = _broadcast_from_rank0(scores)
+        device = _local(params[0][1]).device
+        if self._shard_group is None and any(_is_sharded(p) for _, p in params):
+            self._check_sharding(model)
+        group = self._in_layout(params)
+        if group is not None:  # scores, multiplicities and drop masks straight from the flat statistics
+            scores = self._flat_scores(group)
+            scores = scores.clone() if scores is group["flat"]["exp_avg_ipt"] else scores
+            mult, lengths = group["mult"], [s[4] for s in group["segments"]]
+            replicated = group["replicated"]
+        else:
+            scores, mult, lengths, axes = self._all_scores(params)
+            replicated = [not _is_sharded(p) or a == 0 for (_, p), a in zip(params, axes)]
+        if self._shard_group is None:
+            scores = _broadcast_from_rank0(scores)
         if self._nonfinite is not None:
             skipped = int(self._nonfinite)
             if skipped > self._nonfinite_reported:
                 logger.warning("Pruner: %d update(s) with non-finite gradients were skipped so far",
                                skipped)
                 self._nonfinite_reported = skipped
-        mult = [g[3] for g in groups]
-        lengths = [g[2].numel() for g in groups]
         total = sum(m * l for m, l in zip(mult, lengths))
         k = int(total * (1 - threshold))
-        if k <= 0:
+        if self._shard_group is not None:  # FSDP2: the threshold of all ranks' scores
+            mask_threshold = self._sharded_threshold(scores, mult, lengths, replicated, threshold, device)
+        elif k <= 0:
             mask_threshold = float("-inf")
         elif all(m == 1 for m in mult):
             mask_threshold = torch.kthvalue(scores, k)[0].item()
         else:
-            weights = torch.cat([torch.full((l,), m, dtype=torch.float64, device=device)
-                                 for m, l in zip(mult, lengths)])
+            key = (tuple(mult), tuple(lengths), device)
+            if self._weights is None or self._weights[0] != key:  # the same every mask step: build it once
+                self._weights = (key, torch.cat([torch.full((l,), m, dtype=torch.float64, device=device)
+                                                 for m, l in zip(mult, lengths)]))
+            weights = self._weights[1]
             sorted_scores, order = scores.sort()
             cum = weights[order].cumsum(0)
             pos = torch.searchsorted(cum, torch.tensor([float(k)], dtype=torch.float64, device=device))
             mask_threshold = sorted_scores[pos.clamp(max=sorted_scores.numel() - 1)].item()
+        if group is not None:
+            torch.lt(scores, mask_threshold, out=group["drop"])
+            for (_, p), drop in zip(params, group["drop_views"]):
+                _local(p).masked_fill_(drop, 0.0)
+            return mask_threshold
+        drop_all = scores < mask_threshold
         offset = 0
-        for (n, p, s, m, axis), l in zip(groups, lengths):
-            drop = scores[offset:offset + l] < mask_threshold
+        for (n, p), axis, l in zip(params, axes, lengths):
+            p = _local(p)
+            drop = drop_all[offset:offset + l].to(p.device)
             offset += l
             if axis is None:
                 p.masked_fill_(drop.view(p.shape), 0.0)
             else:
                 p.masked_fill_(drop.unsqueeze(axis), 0.0)
         return mask_threshold
+
+    def _sharded_threshold(self, scores, mult, lengths, replicated, threshold, device):
+        """FSDP2: the k-th smallest element score over all ranks, from their gathered aggregated scores.
+
+        Each rank contributes its rows' scores with their multiplicities; scores every rank holds in full
+        (columns) count on rank 0 only. The gathered multiset is that of one process, so is the threshold.
+        """
+        group = self._shard_group
+        first = torch.distributed.get_rank(group) == 0
+        key = (tuple(mult), tuple(lengths), tuple(replicated), device)
+        if self._sharded_weights is None or self._sharded_weights[0] != key:
+            local = torch.cat([torch.full((l,), float(m) if first or not rep else 0.0, dtype=torch.float64,
+                                          device=device) for m, l, rep in zip(mult, lengths, replicated)] or
+                              [torch.zeros(0, dtype=torch.float64, device=device)])
+            self._sharded_weights = (key, _all_gather_rows(local, group))
+        weights = self._sharded_weights[1]
+        scores = _all_gather_rows(scores.float(), group)
+        k = int(int(weights.sum().item()) * (1 - threshold))
+        if k <= 0:
+            return float("-inf")
+        sorted_scores, order = scores.sort()
+        cum = weights[order].cumsum(0)
+        pos = torch.searchsorted(cum, torch.tensor([float(k)], dtype=torch.float64, device=device))
+        return sorted_scores[pos.clamp(max=sorted_scores.numel() - 1)].item()
 
     def update_and_pruning(self, model, global_step):
         """STEP 3: call after ``optimizer.step()`` and before ``zero_grad()``; returns ``(threshold, mask_threshold)``.
@@ -595,11 +850,22 @@ class Pruner(object):
                 "structured_method": self.structured_method, "structured_direction": self.structured_direction}
 
     def state_dict(self):
-        """Every statistic and counter, so that a resumed run is bit-exact."""
+        """Every statistic and counter, so that a resumed run is bit-exact.
+
+        FSDP2: the rows of every rank are gathered, so the layout is that of one process (call it on every rank).
+        """
+        row_sharded = self._row_sharded if self._shard_group is not None else {}
+
+        def full(n, t):
+            t = t.detach()
+            if row_sharded.get(n):
+                t = _all_gather_rows(t.contiguous(), self._shard_group)
+            return t.cpu().clone()
+
         return {"layout": self._layout(),
-                "ipt": {n: t.detach().cpu().clone() for n, t in self.ipt.items()},
-                "exp_avg_ipt": {n: t.detach().cpu().clone() for n, t in self.exp_avg_ipt.items()},
-                "exp_avg_unc": {n: t.detach().cpu().clone() for n, t in self.exp_avg_unc.items()},
+                "ipt": {n: full(n, t) for n, t in self.ipt.items()},
+                "exp_avg_ipt": {n: full(n, t) for n, t in self.exp_avg_ipt.items()},
+                "exp_avg_unc": {n: full(n, t) for n, t in self.exp_avg_unc.items()},
                 "nonfinite_steps": 0 if self._nonfinite is None else int(self._nonfinite),
                 "nonfinite_reported": self._nonfinite_reported}
 
@@ -608,17 +874,54 @@ class Pruner(object):
         if layout != self._layout():
             raise ValueError(f"Pruner.load_state_dict: saved with {layout}, this pruner is {self._layout()}; "
                              "use the same --pruner_name/--beta2/--structured_method/--structured_direction")
+        # Kept as plain tensors until the next step lays them out next to the parameters (_ensure_stats).
         self.ipt = dict(state_dict["ipt"])
         self.exp_avg_ipt = dict(state_dict["exp_avg_ipt"])
         self.exp_avg_unc = dict(state_dict["exp_avg_unc"])
+        self._groups, self._stats_key = [], None
         self._nonfinite = torch.tensor(int(state_dict.get("nonfinite_steps", 0)))
         self._nonfinite_reported = int(state_dict.get("nonfinite_reported", 0))
-        dev = next((p.device for _, p in self._masked_params(self.model)), None) if self.model is not None else None
-        if dev is not None:
-            for d in (self.ipt, self.exp_avg_ipt, self.exp_avg_unc):
-                for n in d:
-                    d[n] = d[n].to(dev)
-            self._nonfinite = self._nonfinite.to(dev)
+        masked = [(n, p) for n, p in self._masked_params(self.model) if p.requires_grad] if self.model is not None \
+            else []
+        for n, p in masked:  # FSDP2: keep this rank's rows of the (single-process layout) statistics
+            if _is_sharded(p) and (self._axis(n, p) if self.reduced else None) != 0:
+                start, end = _row_range(p)
+                for kind in self._stat_kinds():
+                    t = getattr(self, kind).get(n)
+                    if t is not None and t.dim() and t.shape[0] == p.shape[0]:
+                        getattr(self, kind)[n] = t[start:end]
+        if masked and self.pruner_name != "Magnitude":
+            self._ensure_stats(masked)
+        if masked:
+            self._nonfinite = self._nonfinite.to(masked[0][1].device)
+
+
+def _all_gather_rows(t, group):
+    """Concatenate, in rank order, every rank's ``t`` along dim 0 (the sizes may differ: padded for the gather)."""
+    dist = torch.distributed
+    world = dist.get_world_size(group)
+    n = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
+    sizes = [int(x) for x in sizes]
+    padded = t.new_zeros((max(sizes),) + tuple(t.shape[1:]))
+    padded[:t.shape[0]] = t
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded, group=group)
+    return torch.cat([o[:k] for o, k in zip(out, sizes)])
+
+
+def _row_range(p):
+    """``(start, end)``: the rows of an FSDP2 parameter (``Shard(0)``, ``torch.chunk`` sizes) this rank holds."""
+    mesh = p.device_mesh
+    world, rank, rows = mesh.size(), mesh.get_local_rank(), p.shape[0]
+    chunk = -(-rows // world)
+    start = min(rank * chunk, rows)
+    end = min(start + chunk, rows)
+    if end - start != p.to_local().shape[0]:
+        raise RuntimeError(f"unexpected FSDP2 shard: rank {rank} of {world} holds {p.to_local().shape[0]} of {rows} "
+                           f"rows, expected {end - start}")
+    return start, end
 
 
 def _broadcast_from_rank0(t):
@@ -640,6 +943,12 @@ def _unwrap(model):
     while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
         model = model.module
     return getattr(model, "_orig_mod", model)
+
+
+def _refuse_sharded(model, what):
+    if any(_is_sharded(p) for p in model.parameters()):
+        raise ValueError(f"{what}: the model is sharded (FSDP2 DTensors hold only this rank's rows); gather it first "
+                         "with utils.fsdp2_full_model(model), called on every rank")
 
 
 def _read_state_dict(path_or_state_dict):
@@ -766,6 +1075,7 @@ def save_checkpoint(model, path):
 
     Written to a temporary file first and renamed, so an existing file is never left half-written.
     """
+    _refuse_sharded(model, "save_checkpoint")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
@@ -872,6 +1182,7 @@ def export_compact(model, output_dir, tokenizer=None, losparse_args=None):
     """
     from safetensors.torch import save_file
 
+    _refuse_sharded(model, "export_compact")
     target = _unwrap(model)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -1008,6 +1319,10 @@ def add_losparse_args(parser):
                    help="Evaluate this LoSparse checkpoint (.bin/.safetensors); use with --num_train_epochs 0.")
     g.add_argument("--no_losparse", action="store_true",
                    help="Plain fine-tuning baseline: skip STEP 1-3 (no substitution, no pruning).")
+    g.add_argument("--fsdp2", action="store_true",
+                   help="Shard the model with PyTorch FSDP2 (fully_shard per transformer block, then the root) across "
+                        "the processes torchrun/accelerate started, on GPUs or CPU (gloo): for models bigger than "
+                        "one GPU. Accelerate's own FSDP2 config (--use_fsdp --fsdp_version 2) works too.")
     return parser
 
 
@@ -1063,10 +1378,12 @@ SUPPORTED_DISTRIBUTED = ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_NPU", "MULTI_XPU
 
 
 def check_distributed_support(accelerator):
-    """Stop at start-up, with a message, under DeepSpeed, FSDP or Megatron-LM.
+    """Stop at start-up, with a message, under DeepSpeed, FSDP1 or Megatron-LM.
 
-    Their shards hold part of each parameter or gradient, so importance scores and row masks computed on a
-    rank would be wrong. Supported: one process, and data parallel (DDP) on one or several machines.
+    Their shards hold parts of rows (flattened parameters, ZeRO partitions, tensor-parallel slices), so
+    importance scores and row masks computed on a rank would be wrong. Supported: one process, data parallel
+    (DDP) on one or several machines, and FSDP2 (Accelerate's FSDP plugin with ``fsdp_version: 2``, or the
+    scripts' ``--fsdp2``), whose shards are whole rows.
     """
     dt = getattr(getattr(accelerator, "distributed_type", None), "value", str(accelerator.distributed_type))
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -1076,9 +1393,212 @@ def check_distributed_support(accelerator):
             "processes would train independently and overwrite each other's output. On CPU launch with "
             "ACCELERATE_USE_CPU=1 (or `accelerate launch --cpu` with a multi-CPU config); on GPUs check that "
             "CUDA is visible to every process.")
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    if dt == "FSDP" and getattr(plugin, "fsdp_version", 1) == 2:
+        return
     if dt not in SUPPORTED_DISTRIBUTED:
         raise RuntimeError(
-            f"LoSparse does not support accelerate distributed_type={dt}: DeepSpeed ZeRO, FSDP and Megatron-LM "
-            "shard parameters or gradients, and pruning needs full ones on every rank. Supported: a single "
-            "process, or data parallel with `accelerate launch --multi_gpu --num_processes N` (one or several "
-            "machines; `--cpu` for CPU processes). For the full fine-tuning baseline use --no_losparse.")
+            f"LoSparse does not support accelerate distributed_type={dt}"
+            f"{' with fsdp_version 1' if dt == 'FSDP' else ''}: DeepSpeed ZeRO, FSDP1 (flat parameters) and "
+            "Megatron-LM split rows of the matrices across ranks, and pruning needs whole rows. Supported: a single "
+            "process, data parallel with `accelerate launch --multi_gpu --num_processes N` (one or several "
+            "machines; `--cpu` for CPU processes), or FSDP2 for models bigger than one GPU: `accelerate launch "
+            "--use_fsdp --fsdp_version 2 ...` or the flag --fsdp2. For the full fine-tuning baseline use "
+            "--no_losparse.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. FSDP2: models bigger than one GPU
+# ----------------------------------------------------------------------------------------------------
+_UNSHARDED = weakref.WeakKeyDictionary()  # model sharded by apply_fsdp2 -> its structure on the meta device
+
+
+def _fsdp2_blocks(model):
+    """The transformer blocks: modules whose class is in ``model._no_split_modules``, else the children of every
+    ``nn.ModuleList`` (``encoder.layer``, ``model.layers``, ...); outermost last, the root excluded."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if m is not model and type(m).__name__ in names]
+    if not blocks:
+        blocks = [c for m in model.modules() if isinstance(m, nn.ModuleList) for c in m if c is not model]
+    seen, out = set(), []
+    for m in reversed(blocks):  # children before their parents
+        if id(m) not in seen:
+            seen.add(id(m))
+            out.append(m)
+    return out
+
+
+def _meta_twin(model):
+    """A copy of ``model`` whose parameters are on the meta device (ties kept; buffers and attributes copied)."""
+    memo = {id(p): nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def apply_fsdp2(model, accelerator=None, **fully_shard_kwargs):
+    """Shard ``model`` with PyTorch's FSDP2 across the processes torchrun / Accelerate started (CPU gloo or GPUs).
+
+    ``torch.distributed.fsdp.fully_shard`` is applied to every transformer block (see :func:`_fsdp2_blocks`), then
+    to the root, over a 1-D mesh of all ranks: each parameter becomes a ``DTensor`` holding whole rows on each
+    rank, which the :class:`Pruner` scores and masks where they live. Call it after STEP 1 (and after loading
+    any checkpoint) and before building the optimizer. With ``accelerator`` under Accelerate's FSDP2 plugin its
+    ``reshard_after_forward``, mixed precision and CPU offload settings are used, and ``accelerator.prepare``
+    then keeps the sharded model as it is; otherwise the model is registered with ``accelerator`` (autocast,
+    ``save_state``) without a DDP wrapper. Extra ``fully_shard_kwargs`` go to every ``fully_shard`` call. One
+    process: nothing to shard, the model is returned unchanged. See :func:`fsdp2_checkpointing` and
+    :func:`fsdp2_full_model`.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        logger.warning("LoSparse: FSDP2 requested with a single process: nothing to shard, training unsharded")
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+    except ImportError:  # torch 2.4 / 2.5
+        from torch.distributed._composable.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+    if isinstance(model, FSDPModule):
+        return model
+    accelerate_fsdp2 = accelerator is not None and getattr(accelerator, "is_fsdp2", False)
+    kwargs = {}
+    if accelerate_fsdp2:
+        plugin = accelerator.state.fsdp_plugin
+        kwargs["reshard_after_forward"] = plugin.reshard_after_forward
+        if plugin.mixed_precision_policy is not None:
+            kwargs["mp_policy"] = plugin.mixed_precision_policy
+        if plugin.cpu_offload is not None:
+            kwargs["offload_policy"] = plugin.cpu_offload
+    kwargs.update(fully_shard_kwargs)
+    device = accelerator.device if accelerator is not None else \
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    world = dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
+    skeleton = _meta_twin(model)
+    blocks = _fsdp2_blocks(model)
+    kinds = ", ".join(sorted({type(b).__name__ for b in blocks})) or "none"
+    for block in blocks:
+        fully_shard(block, mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
+    if callable(getattr(model, "generate", None)):  # generate() calls the encoder directly: gather the root first
+        register_fsdp_forward_method(model, "generate")
+    _UNSHARDED[model] = skeleton
+    local = sum(_local(p).numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("LoSparse: model sharded with FSDP2 (fully_shard) over %d ranks: %d blocks (%s) + the root; this "
+                "rank holds %d of %d parameters", world, len(blocks), kinds, local, total)
+    if accelerator is not None and not accelerate_fsdp2:
+        model = accelerator.prepare_model(model, evaluation_mode=True)  # autocast and save_state, no DDP wrapper
+    return model
+
+
+def _shard_like(value, p):
+    """This rank's rows of ``value`` (a full tensor shaped like FSDP2 parameter ``p``) as a DTensor like ``p``."""
+    if not (_is_sharded(p) and torch.is_tensor(value) and value.dim() and tuple(value.shape) == tuple(p.shape)):
+        return value
+    start, end = _row_range(p)
+    local = value[start:end].to(_local(p).device).contiguous()
+    return _DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def _full_optimizer_state(optimizer):
+    """``optimizer.state_dict()`` with every sharded state gathered (a collective; kept on rank 0 only)."""
+    sd = optimizer.state_dict()
+    keep = torch.distributed.get_rank() == 0
+    state = {}
+    for i in sorted(sd["state"]):
+        entry = {}
+        for k, v in sd["state"][i].items():
+            v = v.full_tensor() if _is_sharded(v) else v
+            entry[k] = v.detach().cpu().clone() if torch.is_tensor(v) else v
+        if keep:
+            state[i] = entry
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def _load_full_optimizer_state(optimizer, state_dict):
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {i: {k: _shard_like(v, params[int(i)]) for k, v in entry.items()}
+             for i, entry in state_dict["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
+
+
+def fsdp2_checkpointing(accelerator, model, optimizer=None):
+    """Make ``accelerator.save_state`` / ``load_state`` store a model sharded by :func:`apply_fsdp2` in full.
+
+    The files are those of one process: ``model.safetensors`` with the full weights and ``optimizer.bin`` with
+    the full optimizer state (gathered on the main process), so a run resumes bit-exactly, also on another number
+    of ranks. The :class:`Pruner` gathers its statistics itself (``Pruner.state_dict``). Call it on every rank
+    after ``accelerator.prepare``. No-op for an unsharded model and under Accelerate's own FSDP2 plugin (which
+    writes sharded checkpoints with ``torch.distributed.checkpoint``).
+    """
+    target = _unwrap(model)
+    if getattr(accelerator, "is_fsdp2", False) or not any(_is_sharded(p) for p in target.parameters()):
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    def save_hook(models, weights, output_dir):
+        for i, m in enumerate(models):
+            if _unwrap(m) is target:
+                weights[i] = get_model_state_dict(
+                    target, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_hook(models, input_dir):
+        for m in list(models):
+            if _unwrap(m) is not target:
+                continue
+            sd = _read_state_dict(input_dir)
+            ties = {}
+            for n, p in target.named_parameters(remove_duplicate=False):
+                ties.setdefault(id(p), []).append(n)
+            for names in ties.values():  # safetensors keeps one key of tied weights
+                src = next((n for n in names if n in sd), None)
+                for n in names:
+                    if src is not None and n not in sd:
+                        sd[n] = sd[src]
+            set_model_state_dict(target, sd, options=StateDictOptions(full_state_dict=True))
+            models.remove(m)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    if optimizer is not None:  # Accelerate saves optimizer.state_dict() of the main process only: gather first
+        inner = getattr(optimizer, "optimizer", optimizer)
+        optimizer.state_dict = lambda: _full_optimizer_state(inner)
+        optimizer.load_state_dict = lambda state_dict: _load_full_optimizer_state(inner, state_dict)
+
+
+def fsdp2_full_model(model, device="cpu"):
+    """A plain (unsharded) copy of a model sharded by :func:`apply_fsdp2`, with its full weights on ``device``.
+
+    A collective: call it on every rank (each gets the copy). Use it after training for what needs whole
+    matrices: ``save_pretrained``, :func:`save_checkpoint`, :func:`export_compact`, :func:`prune`,
+    :func:`compression_report`. An unsharded model is returned as it is.
+    """
+    target = _unwrap(model)
+    if not any(_is_sharded(p) for p in target.parameters()):
+        return model
+    skeleton = _UNSHARDED.get(target)
+    if skeleton is None:
+        raise RuntimeError("fsdp2_full_model: the model was not sharded by utils.apply_fsdp2, which records its "
+                           "unsharded structure; shard it with utils.apply_fsdp2")
+    twin = copy.deepcopy(skeleton)
+    metas = dict(twin.named_parameters())
+    names = [n for n, _ in target.named_parameters()]
+    if names != list(metas):
+        raise RuntimeError("fsdp2_full_model: the model's parameters changed since apply_fsdp2 "
+                           f"({len(names)} now, {len(metas)} then)")
+    new = {}
+    for n, p in target.named_parameters():  # the same order on every rank: one all-gather per sharded parameter
+        full = p.full_tensor() if _is_sharded(p) else p
+        new[id(metas[n])] = nn.Parameter(full.detach().to(device).clone(), requires_grad=p.requires_grad)
+    for m in twin.modules():
+        for k, v in m._parameters.items():
+            if v is not None:
+                m._parameters[k] = new[id(v)]
+    buffers = dict(twin.named_buffers())
+    for n, b in target.named_buffers():
+        if n in buffers:
+            buffers[n].copy_((b.full_tensor() if _is_sharded(b) else b).detach())
+    if hasattr(target, "config"):
+        twin.config = target.config
+    return twin.train(target.training)

@@ -63,7 +63,9 @@ def update_and_pruning(self, model, global_step):
     params = self._masked_params(model)
     steps.append({"step": global_step, "threshold": threshold, "mask_threshold": mask_threshold,
                   "zero_rows": {n: (p == 0).all(dim=1) for n, p in params},
-                  "scores": {n: self._score(n, p).clone() for n, p in params}})
+                  # the paper's setting (beta2 = 1, mean): the score of a row is the EMA of its importance
+                  "scores": {n: self.exp_avg_ipt[n].clone() if n in self.exp_avg_ipt else torch.zeros(p.shape[0])
+                             for n, p in params}})
     return threshold, mask_threshold
 
 

@@ -1,0 +1,51 @@
+"""Count the aten ops a callable runs (each one a kernel launch on a GPU) and check GEMM alignment.
+
+``TorchDispatchMode`` sees every op below autograd, forward and backward alike, on any device, so the
+counts measured on a CPU are those a GPU would launch.
+"""
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm", "_addmm_activation"}
+VIEW_OPS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "slice", "select",
+            "unsqueeze", "squeeze", "as_strided", "alias", "detach", "split", "split_with_sizes", "unbind",
+            "chunk", "narrow", "unflatten", "lift_fresh"}
+
+
+class OpCounter(TorchDispatchMode):
+    """``with OpCounter() as c: ...`` then ``c.total``, ``c.kernels`` (ops that are not views), ``c.counts``,
+    ``c.gemms`` (``(op, m, k, n, dtype)`` of every matrix product)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+        self.gemms = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        self.counts[name] += 1
+        if name in GEMM_OPS:
+            a, b = (args[1], args[2]) if name in ("addmm", "baddbmm", "_addmm_activation") else (args[0], args[1])
+            self.gemms.append((name, a.shape[-2], a.shape[-1], b.shape[-1], a.dtype))
+        return func(*args, **kwargs)
+
+    @property
+    def total(self):
+        return sum(self.counts.values())
+
+    @property
+    def kernels(self):
+        return sum(v for k, v in self.counts.items() if k not in VIEW_OPS)
+
+    def misaligned_gemms(self, multiple=8):
+        """GEMMs with an inner (k) or output (m, n) size that is not a multiple of ``multiple``."""
+        return [g for g in self.gemms if any(d % multiple for d in g[1:4])]
+
+
+def count_ops(fn):
+    with OpCounter() as c:
+        fn()
+    return c
