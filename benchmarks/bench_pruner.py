@@ -7,8 +7,8 @@ are timed, and the kept fraction of S falls along the cubic schedule to ``--fina
 step, so the timed mask steps really mask. Each step times the training part (forward, backward,
 ``optimizer.step``) and the pruner call separately; window steps (importance update only) and mask steps
 (threshold and masking) are reported apart, with the overhead in % of a step. One window step and one mask
-step of the untimed first window are replayed under a ``TorchDispatchMode`` that counts the aten ops they
-dispatch (per step and per masked matrix). On CUDA, the peak memory of one window of steps without the
+step of the untimed first window run under a ``TorchDispatchMode`` (``_opcount.OpCounter``) that counts the
+aten ops they dispatch, and those that are kernels (not views), per step and per masked matrix. On CUDA, the peak memory of one window of steps without the
 pruner (measured before the pruner exists) and with it is reported too.
 
     python benchmarks/bench_pruner.py --quick                                   # CPU, seconds
@@ -17,15 +17,14 @@ pruner (measured before the pruner exists) and with it is reported too.
 One JSON line per measurement (``what`` = env | pruner | pruner_ops | pruner_memory).
 """
 import argparse
-import collections
 import statistics
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import _common as C
 from _common import utils
+from _opcount import OpCounter
 
 
 def parse_args(argv=None):
@@ -63,18 +62,6 @@ def losparse_args(deltaT, final_threshold):
     return utils.add_losparse_args(argparse.ArgumentParser()).parse_args(
         ["--deltaT", str(deltaT), "--initial_warmup", "0", "--final_warmup", "1", "--warmup_steps", "1",
          "--final_threshold", str(final_threshold)])
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched inside the ``with`` block."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket.__name__)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def main(argv=None):
@@ -130,7 +117,7 @@ def main(argv=None):
             if step in (window_step_counted, mask_step_counted) and step > 1:
                 with OpCounter() as counter:
                     _, mask_threshold = pruner.update_and_pruning(model, step)
-                ops["mask_step" if mask_threshold is not None else "window_step"] = counter.counts
+                ops["mask_step" if mask_threshold is not None else "window_step"] = counter
             else:
                 pruner.update_and_pruning(model, step)
             optimizer.zero_grad(set_to_none=True)
@@ -157,17 +144,18 @@ def main(argv=None):
                          ("average_step", avg, len(window_ms) + len(mask_ms))):
         C.emit("pruner", phase=phase, pruner_ms=round(ms, 3), step_with_pruner_ms=round(train + ms, 3),
                overhead_pct=round(100 * ms / train, 2), steps=n, **common)
-    state = sum(t.numel() * t.element_size() for d in (pruner.ipt, pruner.exp_avg_ipt, pruner.exp_avg_unc)
-                for t in d.values())
+    saved = pruner.state_dict()  # every statistic the pruner keeps, in its public layout
+    state = sum(t.numel() * t.element_size() for d in ("ipt", "exp_avg_ipt", "exp_avg_unc") for t in saved[d].values())
     C.emit("pruner", phase="state", pruner_state_bytes=state, sparse_params=sum(p.numel() for _, p in masked),
            masked_matrices=len(masked), reduced_path=pruner.reduced, mask_thresholds=mask_thresholds,
            final_threshold=args.final_threshold, kept_fraction_end=round(kept, 4), **common)
     for phase in ("window_step", "mask_step"):
-        counts = ops[phase]
-        total = sum(counts.values())
+        c = ops[phase]
         C.emit("pruner_ops", phase=phase, step=window_step_counted if phase == "window_step" else mask_step_counted,
-               aten_ops=total, masked_matrices=len(masked), ops_per_masked_matrix=round(total / len(masked), 2),
-               top_ops=dict(counts.most_common(12)), **common)
+               aten_ops=c.total, kernels=c.kernels, masked_matrices=len(masked),
+               ops_per_masked_matrix=round(c.total / len(masked), 2),
+               kernels_per_masked_matrix=round(c.kernels / len(masked), 2), top_ops=dict(c.counts.most_common(12)),
+               **common)
     if args.device.type == "cuda":
         C.emit("pruner_memory", without_pruner=memory_without, with_pruner=memory_with,
                overhead_pct=round(100 * (memory_with["peak_bytes"] / memory_without["peak_bytes"] - 1), 2),
