@@ -2,10 +2,13 @@
 
 Substitutes the 72 linears of a DeBERTa-v3-base-sized encoder (per layer q, k, v, o 768x768, ffn 768->3072
 and 3072->768) at low-rank ratio 0.05 with each ``svd`` method, and reports the wall time of
-``substitute_layer_weights`` and the extra Frobenius error of ``W - L R`` over the exact truncated SVD
-(``||W - LR|| / ||W - W_r|| - 1``; target <= 1 %). Two kinds of random matrices: ``gaussian`` (the
-``nn.Linear`` initialisation, a flat spectrum) and ``powerlaw`` (singular values ``1/i``, like trained
-weights). ``--llama`` adds one 11008x4096 matrix at rank 256.
+``substitute_layer_weights`` (median and min of ``--reps`` timed calls after ``--warmup`` untimed ones) and
+the extra Frobenius error of ``W - L R`` over the exact truncated SVD (``||W - LR|| / ||W - W_r|| - 1``;
+target <= 1 %). The reference ``||W - W_r||`` does not use ``utils``: it is ``sqrt(sum_{i > r} s_i^2)``
+from ``torch.linalg.svdvals`` of ``W`` in float64, and ``W - L R`` is formed in float64 from the ``L``, ``R``
+the method wrote. Two kinds of random matrices: ``gaussian`` (the ``nn.Linear`` initialisation, a flat
+spectrum) and ``powerlaw`` (singular values ``1/i``, like trained weights). ``--llama`` adds one 11008x4096
+matrix at rank 256.
 
     python benchmarks/bench_svd.py --quick
     python benchmarks/bench_svd.py --device cuda --llama
@@ -13,6 +16,7 @@ weights). ``--llama`` adds one 11008x4096 matrix at rank 256.
 One JSON line per measurement (``what`` = env | svd | svd_llama).
 """
 import copy
+import statistics
 import time
 
 import torch
@@ -20,9 +24,9 @@ from torch import nn
 
 import _common as C
 from _common import utils
-from bench_inference import LinearStack
 
 METHODS = ("full", "randomized", "auto")
+NAMES = ["q", "k", "v", "o", "ffn1", "ffn2"]
 
 
 def parse_args(argv=None):
@@ -31,9 +35,14 @@ def parse_args(argv=None):
     p.add_argument("--spectra", type=C.csv(str), default=None, help="gaussian,powerlaw (quick: powerlaw).")
     p.add_argument("--methods", type=C.csv(str), default=list(METHODS))
     p.add_argument("--llama", action="store_true", help="Also one 11008x4096 matrix at rank 256.")
-    args = C.setup(p.parse_args(argv), warmup=(1, 0), reps=(1, 1))
+    args = C.setup(p.parse_args(argv), warmup=(1, 0), reps=(3, 1))
     args.layers = args.layers or (2 if args.quick else 12)
     args.spectra = args.spectra or (["powerlaw"] if args.quick else ["gaussian", "powerlaw"])
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad or not args.methods:
+        p.error(f"--methods must be a comma-separated subset of {','.join(METHODS)}, got {bad or 'nothing'}")
+    if args.reps < 1 or args.warmup < 0:
+        p.error(f"--reps must be >= 1 and --warmup >= 0, got {args.reps} and {args.warmup}")
     return args
 
 
@@ -49,8 +58,15 @@ def powerlaw_(weight, generator):
 
 
 def make_stack(layers, spectrum, seed):
+    """``layers`` blocks of q, k, v, o (768x768), ffn1 (768->3072), ffn2 (3072->768) ``nn.Linear``s."""
     torch.manual_seed(seed)
-    stack = LinearStack(layers)
+    stack = nn.ModuleList()
+    for _ in range(layers):
+        block = nn.Module()
+        for name in NAMES:
+            d_in, d_out = {"ffn1": (768, 3072), "ffn2": (3072, 768)}.get(name, (768, 768))
+            setattr(block, name, nn.Linear(d_in, d_out))
+        stack.append(block)
     if spectrum == "powerlaw":
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -62,41 +78,68 @@ def make_stack(layers, spectrum, seed):
     return stack
 
 
+def truncation_error(weight, rank):
+    """``||W - W_r||_F`` of the exact rank-``rank`` truncation, from float64 singular values (no ``utils``)."""
+    s = torch.linalg.svdvals(weight.detach().double())
+    return float(s[rank:].pow(2).sum().sqrt())
+
+
 def substitute(stack, method, device):
     model = copy.deepcopy(stack).to(device)
     C.sync(device)
     t0 = time.perf_counter()
-    rep = utils.substitute_layer_weights(model, ["q", "k", "v", "o", "ffn1", "ffn2"], [],
-                                         parameter_ratio=C.LOW_RANK_RATIO, svd=method, log_level="IGNORE")
+    rep = utils.substitute_layer_weights(model, NAMES, [], parameter_ratio=C.LOW_RANK_RATIO, svd=method,
+                                         log_level="IGNORE")
     C.sync(device)
-    seconds = time.perf_counter() - t0
-    errors = {r["name"]: float(model.get_submodule(r["name"]).sparse.weight.detach().double().norm()) for r in rep}
-    return seconds, errors, rep
+    return time.perf_counter() - t0, model, rep
+
+
+def timed_substitutions(stack, method, args):
+    """Warm-up, then ``--reps`` timed substitutions; returns (times in s, the last substituted model, report)."""
+    for _ in range(args.warmup):
+        substitute(stack, method, args.device)
+    times = []
+    for _ in range(args.reps):
+        seconds, model, rep = substitute(stack, method, args.device)
+        times.append(seconds)
+    return times, model, rep
 
 
 def bench_stack(args):
     for spectrum in args.spectra:
         stack = make_stack(args.layers, spectrum, args.seed)
-        if args.warmup:  # load LAPACK / cuSOLVER once
-            substitute(make_stack(1, "gaussian", args.seed), "full", args.device)
-            substitute(make_stack(1, "gaussian", args.seed), "randomized", args.device)
-        results = {m: substitute(stack, m, args.device) for m in dict.fromkeys(("full", *args.methods))}
-        exact = results["full"][1]  # ||W - W_r|| of the exact truncated SVD
+        rep0 = utils.substitute_layer_weights(copy.deepcopy(stack), NAMES, [], parameter_ratio=C.LOW_RANK_RATIO,
+                                              do_svd=False, log_level="IGNORE")
+        ranks = {r["name"]: r["rank"] for r in rep0}
+        exact = {n: truncation_error(stack.get_submodule(n).weight, ranks[n]) for n in ranks}
+        norms = {n: float(stack.get_submodule(n).weight.detach().double().norm()) for n in ranks}
+        timings = {}
         for method in args.methods:
-            seconds, errors, rep = results[method]
-            extra = {n: errors[n] / exact[n] - 1 for n in errors}
-            by_shape = {}
+            times, model, rep = timed_substitutions(stack, method, args)
+            timings[method] = times
+            extra, by_shape, exact_by_shape = {}, {}, {}
             for r in rep:
+                n = r["name"]
+                layer = model.get_submodule(n)
+                assert layer.reduced_rank == ranks[n]
+                lr = layer.left.weight.detach().double().cpu() @ layer.right.weight.detach().double().cpu()
+                err = float((stack.get_submodule(n).weight.detach().double() - lr).norm())
+                extra[n] = err / exact[n] - 1
                 key = f"{r['out_features']}x{r['in_features']}@r{r['rank']}"
-                by_shape[key] = max(by_shape.get(key, float("-inf")), round(100 * extra[r["name"]], 4))
+                by_shape[key] = max(by_shape.get(key, float("-inf")), round(100 * extra[n], 4))
+                exact_by_shape[key] = round(exact[n] / norms[n], 6)
             oversample = lambda r: max(10, r // 2)  # noqa: E731  (low_rank_decomposition's default)
             n_rand = sum(method == "randomized" or (method == "auto" and utils._use_randomized(
                 "auto", r["out_features"], r["in_features"], r["rank"], oversample(r["rank"]))) for r in rep)
+            fields = {}
+            if "full" in timings:
+                fields["speedup_vs_full"] = round(statistics.median(timings["full"]) / statistics.median(times), 2)
             C.emit("svd", spectrum=spectrum, method=method, matrices=len(rep), dtype="fp32", device=str(args.device),
-                   seconds=round(seconds, 3), speedup_vs_full=round(results["full"][0] / seconds, 2),
+                   seconds=round(statistics.median(times), 3), seconds_min=round(min(times), 3), reps=len(times),
+                   warmup=args.warmup, **fields,
                    extra_error_pct_mean=round(100 * sum(extra.values()) / len(extra), 4),
                    extra_error_pct_max=round(100 * max(extra.values()), 4), extra_error_pct_max_by_shape=by_shape,
-                   randomized_matrices=n_rand)
+                   exact_rel_error_by_shape=exact_by_shape, randomized_matrices=n_rand)
 
 
 def bench_llama(args):
@@ -107,18 +150,27 @@ def bench_llama(args):
     powerlaw_(weight, g)
     weight = weight.to(args.device)
     ratio = (rank - 0.5) * (H + W) / (H * W)  # ceil(ratio * H * W / (H + W)) == rank
+    exact = truncation_error(weight, rank)
     res = {}
-    for method in dict.fromkeys(("full", *args.methods)):
-        C.sync(args.device)
-        t0 = time.perf_counter()
-        L, R = utils.low_rank_decomposition(weight, parameter_ratio=ratio, svd=method, log_level="IGNORE")
-        C.sync(args.device)
-        res[method] = (time.perf_counter() - t0, float((weight - L @ R).double().norm()), L.shape[1])
     for method in args.methods:
-        seconds, err, r = res[method]
-        C.emit("svd_llama", spectrum="powerlaw", method=method, shape=[H, W], rank=r, dtype="fp32",
-               device=str(args.device), seconds=round(seconds, 3), speedup_vs_full=round(res["full"][0] / seconds, 2),
-               extra_error_pct=round(100 * (err / res["full"][1] - 1), 4))
+        times = []
+        for i in range(args.warmup + args.reps):
+            C.sync(args.device)
+            t0 = time.perf_counter()
+            L, R = utils.low_rank_decomposition(weight, parameter_ratio=ratio, svd=method, log_level="IGNORE")
+            C.sync(args.device)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        assert L.shape[1] == rank
+        err = float((weight.double() - L.double() @ R.double()).norm())
+        res[method] = times
+        fields = {}
+        if "full" in res:
+            fields["speedup_vs_full"] = round(statistics.median(res["full"]) / statistics.median(times), 2)
+        C.emit("svd_llama", spectrum="powerlaw", method=method, shape=[H, W], rank=rank, dtype="fp32",
+               device=str(args.device), seconds=round(statistics.median(times), 3), seconds_min=round(min(times), 3),
+               reps=len(times), warmup=args.warmup, **fields, extra_error_pct=round(100 * (err / exact - 1), 4),
+               exact_rel_error=round(exact / float(weight.double().norm()), 6))
 
 
 def main(argv=None):

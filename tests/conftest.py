@@ -87,6 +87,32 @@ def save_tiny_model(path, kind, head="seq_cls", num_labels=2, seed=0):
     return path
 
 
+def losparse_layers_from_state_dict(sd):
+    """Shapes, ranks and kept rows of every LoSparse layer of an original-layout (or compacted) state dict."""
+    layers = []
+    for k in sorted(sd):
+        if not k.endswith(".left.weight"):
+            continue
+        p = k[: -len("left.weight")]
+        if p + "sparse.weight" in sd:
+            rows = int((sd[p + "sparse.weight"] != 0).any(dim=1).sum())
+        else:
+            rows = int(sd[p + "sparse_weight_pruned"].shape[0])
+        layers.append({"name": p[:-1], "out": sd[k].shape[0], "rank": sd[k].shape[1],
+                       "in": sd[p + "right.weight"].shape[1], "rows": rows})
+    return layers
+
+
+def losparse_ratios(layers):
+    """``(low-rank ratio, kept fraction of S, one row per layer)`` of the substituted matrices, each over their
+    dense size. The pruner keeps the final fraction of S within one row per layer (the last ``tol``)."""
+    dense = sum(l["out"] * l["in"] for l in layers)
+    low = sum(l["rank"] * (l["out"] + l["in"]) for l in layers) / dense
+    sparse = sum(l["rows"] * l["in"] for l in layers) / dense
+    one_row_per_layer = sum(l["in"] for l in layers) / dense
+    return low, sparse, one_row_per_layer
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     """Factory: ``tiny_model_dir(kind, head="seq_cls", num_labels=2)`` -> directory with model + tokenizer."""

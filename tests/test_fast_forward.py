@@ -6,6 +6,7 @@ reference; autocast; and a smoke run of each benchmark script.
 """
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -171,7 +172,7 @@ SMOKE = {
     "bench_inference.py": ["--quick", "--layers", "1", "--vocab-size", "1000", "--batch-sizes", "1", "--seq-len", "8",
                            "--reps", "1", "--warmup", "0", "--stack-tokens", "16"],
     "bench_pruner.py": ["--quick", "--layers", "1", "--vocab-size", "1000", "--batch-size", "1", "--seq-len", "8",
-                        "--deltaT", "2", "--windows", "1"],
+                        "--deltaT", "3", "--reps", "1"],
     "bench_svd.py": ["--quick", "--layers", "1", "--warmup", "0"],
 }
 KEYS = {
@@ -183,7 +184,9 @@ KEYS = {
     "stack_llama": {"variant", "shape", "dtype", "device", "ms", "params", "speedup_vs_dense"},
     "ops": {"model", "variant", "aten_ops", "dense_aten_ops", "cat", "dense_cat", "misaligned_gemms", "paths"},
     "pruner": {"phase", "shape", "dtype", "device"},
-    "svd": {"spectrum", "method", "matrices", "seconds", "extra_error_pct_mean", "extra_error_pct_max"},
+    "pruner_ops": {"phase", "aten_ops", "masked_matrices", "ops_per_masked_matrix", "top_ops"},
+    "svd": {"spectrum", "method", "matrices", "seconds", "seconds_min", "reps", "extra_error_pct_mean",
+            "extra_error_pct_max", "exact_rel_error_by_shape", "randomized_matrices"},
 }
 
 
@@ -222,16 +225,59 @@ def test_bench_inference_smoke():
 
 
 def test_bench_pruner_smoke():
+    """deltaT 3, one timed window: steps 4 and 5 are window steps, step 6 (the last) masks to the final 10 %."""
     lines = run_bench("bench_pruner.py")
     phases = {r["phase"]: r for r in by_what(lines, "pruner")}
-    assert {"train_step_without_pruner", "window_step", "mask_step", "average_step", "state"} <= set(phases)
-    assert phases["train_step_without_pruner"]["ms"] > 0
-    assert all(phases[p]["overhead_pct"] >= 0 for p in ("window_step", "mask_step", "average_step"))
-    assert phases["state"]["pruner_state_bytes"] > 0 and phases["state"]["reduced_path"] is True
+    assert {"train_step_without_pruner", "window_step", "mask_step", "average_step", "state"} == set(phases)
+    train = phases["train_step_without_pruner"]
+    assert train["steps"] == 3 and math.isfinite(train["ms"]) and train["ms"] > 0
+    assert (phases["window_step"]["steps"], phases["mask_step"]["steps"], phases["average_step"]["steps"]) == (2, 1, 3)
+    for p in ("window_step", "mask_step", "average_step"):
+        r = phases[p]
+        assert math.isfinite(r["pruner_ms"]) and r["pruner_ms"] > 0
+        assert r["step_with_pruner_ms"] == pytest.approx(train["ms"] + r["pruner_ms"], abs=2e-3)
+        assert r["overhead_pct"] == pytest.approx(100 * r["pruner_ms"] / train["ms"], abs=0.01)
+    state = phases["state"]
+    # 1 DeBERTa layer: q, k, v, attention output (768 x 768), intermediate (3072 x 768), output (768 x 3072)
+    rows, entries = 5 * 768 + 3072, 4 * 768 * 768 + 2 * 3072 * 768
+    assert (state["masked_matrices"], state["sparse_params"], state["reduced_path"]) == (6, entries, True)
+    assert state["pruner_state_bytes"] == 2 * 4 * rows  # per-row fp32 EMA and window mean, nothing full-size
+    # the timed mask step reached the final threshold, and masked to it (within one row per matrix)
+    assert state["mask_thresholds"] == [0.1] and state["final_threshold"] == 0.1
+    assert abs(state["kept_fraction_end"] - 0.1) <= 6 * 3072 / entries
+    ops = {r["phase"]: r for r in by_what(lines, "pruner_ops")}
+    assert set(ops) == {"window_step", "mask_step"} and (ops["window_step"]["step"], ops["mask_step"]["step"]) == (2, 3)
+    for r in ops.values():
+        assert r["masked_matrices"] == 6 and r["aten_ops"] >= r["kernels"] >= 6
+        assert r["aten_ops"] >= sum(r["top_ops"].values()) > 0
+        assert r["ops_per_masked_matrix"] == pytest.approx(r["aten_ops"] / 6, abs=0.01)
+        assert r["kernels_per_masked_matrix"] == pytest.approx(r["kernels"] / 6, abs=0.01)
+    assert ops["mask_step"]["aten_ops"] > ops["window_step"]["aten_ops"]  # the window update, then the masking
+
+
+def _powerlaw_truncation_error(n, r):
+    """||W - W_r|| / ||W|| for singular values 1/i, i = 1..n: sqrt(sum_{i>r} i^-2 / sum_i i^-2)."""
+    tail = sum(1 / i ** 2 for i in range(r + 1, n + 1))
+    return math.sqrt(tail / (tail + sum(1 / i ** 2 for i in range(1, r + 1))))
 
 
 def test_bench_svd_smoke():
     svd = {r["method"]: r for r in by_what(run_bench("bench_svd.py"), "svd")}
-    assert set(svd) == {"full", "randomized", "auto"} and all(r["matrices"] == 6 for r in svd.values())
-    assert svd["full"]["extra_error_pct_max"] == 0
-    assert 0 <= svd["randomized"]["extra_error_pct_max"] < 1 and svd["randomized"]["randomized_matrices"] == 6
+    assert set(svd) == {"full", "randomized", "auto"}
+    for r in svd.values():
+        assert r["matrices"] == 6 and r["reps"] == 1 and r["spectrum"] == "powerlaw"
+        assert math.isfinite(r["seconds"]) and r["seconds"] >= r["seconds_min"] > 0
+        # the reference error is that of the exact truncated SVD of a 1/i spectrum: ranks 20 (768 x 768, ratio
+        # 0.05) and 31 (768 x 3072 and 3072 x 768)
+        expected = {"768x768@r20": _powerlaw_truncation_error(768, 20),
+                    "3072x768@r31": _powerlaw_truncation_error(768, 31),
+                    "768x3072@r31": _powerlaw_truncation_error(768, 31)}
+        assert r["exact_rel_error_by_shape"].keys() == expected.keys()
+        for k, v in expected.items():
+            assert r["exact_rel_error_by_shape"][k] == pytest.approx(v, rel=1e-3), k
+    # the exact SVD in fp32 is at the float64 reference (not 0 by construction); randomized within 1 % of it
+    assert abs(svd["full"]["extra_error_pct_max"]) < 1e-3 and abs(svd["full"]["extra_error_pct_mean"]) < 1e-3
+    assert 0 <= svd["randomized"]["extra_error_pct_max"] < 1
+    assert svd["randomized"]["extra_error_pct_max"] >= svd["randomized"]["extra_error_pct_mean"] > 0
+    assert (svd["full"]["randomized_matrices"], svd["randomized"]["randomized_matrices"],
+            svd["auto"]["randomized_matrices"]) == (0, 6, 6)

@@ -15,7 +15,9 @@ Each run is a worker script (written to tmp_path) that calls ``run_glue.main`` a
 every STEP 3 call and the final model, per rank; it needs no extra flag in run_glue.py. ``ACCELERATE_USE_CPU=true``
 makes Accelerate see a CPU multi-process launch (without it every process silently trains alone).
 
-Also: a compacted model with layers that lost every row of S (``--stored_model_path``) trains under DDP;
+Also: evaluation of run_qa.py and run_summarization.py on 2 processes gathers every example once, in order (the same
+predictions as one process); torchrun without ACCELERATE_USE_CPU stops with a message instead of training 2 lone
+copies; a compacted model with layers that lost every row of S (``--stored_model_path``) trains under DDP;
 ``utils._broadcast_from_rank0`` makes ranks with different scores agree on rank 0's masks; the three scripts stop
 with a clear message under DeepSpeed / FSDP / Megatron-LM before they load a model.
 """
@@ -23,6 +25,7 @@ import csv
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -275,6 +278,86 @@ def test_broadcast_makes_ranks_use_rank0_masks(assets, tmp_path):
         assert torch.equal(r0["broadcast"][n], r0["local"][n]), n  # rank 0's choice ...
         assert torch.equal(r1["broadcast"][n], r0["local"][n]), n  # ... is everyone's
         assert 0 < int(r0["broadcast"][n].sum()) < r0["broadcast"][n].numel()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation of run_qa.py / run_summarization.py on 2 processes: every example once, as on one process
+# ----------------------------------------------------------------------------------------------------
+def _run_procs(root, script, nproc, args, env=None):
+    """``script args`` on one process, or under ``torch.distributed.run`` on ``nproc`` (gloo, ACCELERATE_USE_CPU)."""
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd = [sys.executable, *launcher, str(REPO / script), *[str(a) for a in args]]
+    return subprocess.run(cmd, cwd=root, env=env or _env(root), capture_output=True, text=True, timeout=300)
+
+
+def _ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    return proc.stdout + proc.stderr
+
+
+def test_qa_evaluation_gathers_all_processes(tmp_path):
+    """Evaluation only (STEP 1 substitutes the layers) of 23 questions split into windows, batch 5 per process: the
+    last global batch is uneven, so the gather must drop the padding duplicates and keep the order of the features."""
+    from conftest import save_tiny_model
+    from test_run_qa import make_squad
+
+    model = save_tiny_model(tmp_path / "model", "bert", "qa")
+    dev = make_squad(tmp_path / "dev.json", 23, 1)
+    args = ["--model_name_or_path", model, "--validation_file", dev, "--max_seq_length", 32, "--doc_stride", 8,
+            "--num_train_epochs", 0, "--per_device_eval_batch_size", 5, "--low_rank_parameter_ratio", 0.2]
+    logs = {n: _ok(_run_procs(tmp_path, "run_qa.py", n, args + ["--output_dir", tmp_path / f"p{n}"])) for n in (1, 2)}
+    assert "Num processes: 2" in logs[2] and "DistributedType.MULTI_CPU" in logs[2]
+    n_features = int(re.search(r"Num examples = 23 \((\d+) features\)", logs[1]).group(1))
+    assert n_features > 23 and n_features % 10 != 0  # windows; a short last global batch
+    one, two = (json.loads((tmp_path / f"p{n}" / "predictions.json").read_text()) for n in (1, 2))
+    assert list(two) == list(one) == [r["id"] for r in json.loads(dev.read_text())["data"]]
+    assert two == one
+    nbest1, nbest2 = (json.loads((tmp_path / f"p{n}" / "nbest_predictions.json").read_text()) for n in (1, 2))
+    for q in nbest1:
+        assert [c["text"] for c in nbest2[q]] == [c["text"] for c in nbest1[q]], q
+        for a, b in zip(nbest1[q], nbest2[q]):
+            assert b["start_logit"] == pytest.approx(a["start_logit"], abs=1e-4)
+            assert b["end_logit"] == pytest.approx(a["end_logit"], abs=1e-4)
+    r1, r2 = (json.loads((tmp_path / f"p{n}" / "all_results.json").read_text()) for n in (1, 2))
+    for k in ("eval_exact_match", "eval_f1", "effective_ratio"):
+        assert r2[k] == r1[k], k
+
+
+def test_summarization_evaluation_gathers_all_processes(tmp_path):
+    """13 texts, batch 4 per process (the last global batch has 5 of 8): 13 summaries, in order, as on one process."""
+    from conftest import save_tiny_model
+    from test_run_summarization import make_copy_task
+
+    model = save_tiny_model(tmp_path / "model", "bart", "seq2seq")
+    dev = make_copy_task(tmp_path / "dev.json", 13, 1)
+    args = ["--model_name_or_path", model, "--validation_file", dev, "--text_column", "text", "--summary_column",
+            "summary", "--max_source_length", 64, "--val_max_target_length", 12, "--num_beams", 2,
+            "--num_train_epochs", 0, "--per_device_eval_batch_size", 4, "--low_rank_parameter_ratio", 0.2]
+    logs = {n: _ok(_run_procs(tmp_path, "run_summarization.py", n, args + ["--output_dir", tmp_path / f"p{n}"]))
+            for n in (1, 2)}
+    assert "Num processes: 2" in logs[2]
+    one, two = ((tmp_path / f"p{n}" / "generated_predictions.txt").read_text().split("\n")[:-1] for n in (1, 2))
+    assert len(one) == 13 and two == one
+    r1, r2 = (json.loads((tmp_path / f"p{n}" / "all_results.json").read_text()) for n in (1, 2))
+    assert r1["eval_samples"] == r2["eval_samples"] == 13
+    for k in ("eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_rougeLsum", "eval_gen_len", "effective_ratio"):
+        assert r2[k] == pytest.approx(r1[k], abs=1e-9), k
+
+
+def test_lone_processes_under_torchrun_stop_with_a_message(tmp_path, script="run_glue.py"):
+    """torchrun without ACCELERATE_USE_CPU on a machine without GPUs: Accelerate runs each process alone. The script
+    stops before loading the (here missing) model and before creating --output_dir. (One script: the three call the
+    same check at the same place, see test_sharded_modes_stop_before_loading_the_model.)"""
+    data = tmp_path / "data.json"
+    data.write_text('{"data": []}')
+    env = _env(tmp_path)
+    env.pop("ACCELERATE_USE_CPU")
+    proc = _run_procs(tmp_path, script, 2, ["--model_name_or_path", tmp_path / "no_such_model", "--train_file", data,
+                                            "--validation_file", data, "--output_dir", tmp_path / "out"], env=env)
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"{script}: error: WORLD_SIZE=2 but accelerate runs this process alone") == 2
+    assert "no_such_model" not in proc.stderr  # nothing tried to load it
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------------------------------

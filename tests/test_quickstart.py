@@ -32,6 +32,10 @@ def test_quickstart_reduced_steps(tmp_path):
     # 8 balanced classes, 800 validation examples: accuracies are multiples of 1/800 in [0, 1]
     for run in (full, los):
         assert 0.0 <= run["accuracy"] <= 1.0 and round(run["accuracy"] * 800, 6) == int(round(run["accuracy"] * 800))
+    # 16 steps already learn: chance is 1/8 = 0.125 (sd 0.012 on 800 examples). Measured on 2 CPU cores (seed 42):
+    # full 0.311, LoSparse 0.2425; a run that does not train stays near chance.
+    assert full["accuracy"] >= 0.22, full
+    assert los["accuracy"] >= 0.19, los
     # The baseline is the dense model; LoSparse kept low-rank 0.05 + 15 % of the rows of S of the 36 matrices.
     assert full["params"] == full["dense_params"] == 22_713_216 + 384 * 8 + 8  # MiniLM + an 8-way head
     assert full["ratio"] == 1.0

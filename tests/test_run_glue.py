@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_script, save_tiny_model
+from conftest import REPO, losparse_layers_from_state_dict, losparse_ratios, run_script, save_tiny_model
 
 import run_glue
 import utils
@@ -138,28 +138,7 @@ def runs(assets):
     return get
 
 
-def _layers_from_state_dict(sd):
-    """Shapes, ranks and kept rows of every LoSparse layer of an original-layout state dict."""
-    layers = []
-    for k in sorted(sd):
-        if not k.endswith(".left.weight"):
-            continue
-        p = k[: -len("left.weight")]
-        if p + "sparse.weight" in sd:
-            rows = int((sd[p + "sparse.weight"] != 0).any(dim=1).sum())
-        else:
-            rows = int(sd[p + "sparse_weight_pruned"].shape[0])
-        layers.append({"name": p[:-1], "out": sd[k].shape[0], "rank": sd[k].shape[1],
-                       "in": sd[p + "right.weight"].shape[1], "rows": rows})
-    return layers
-
-
-def _ratios(layers):
-    dense = sum(l["out"] * l["in"] for l in layers)
-    low = sum(l["rank"] * (l["out"] + l["in"]) for l in layers) / dense
-    sparse = sum(l["rows"] * l["in"] for l in layers) / dense
-    one_row_per_layer = sum(l["in"] for l in layers) / dense
-    return low, sparse, one_row_per_layer
+_layers_from_state_dict, _ratios = losparse_layers_from_state_dict, losparse_ratios
 
 
 def _load(path):
@@ -376,6 +355,108 @@ def test_distillation_from_stored_pruned_model(assets, runs, baseline, tmp_path)
     _check_ok(proc)
     for k in METRICS["single"] | {"effective_ratio"}:
         assert _results(ev)[k] == pytest.approx(res[k], abs=1e-6), k
+
+
+DISTIL_DRIVER = r'''
+"""run_glue.main(argv), recording at every distillation step the loss handed to Accelerator.backward and the one
+written by hand from the student's and the teacher's outputs: values, and gradients w.r.t. the student's logits and
+hidden states."""
+import json
+import os
+import sys
+
+import accelerate
+import torch
+
+import run_glue
+
+alpha_output, alpha_layer, T = (float(os.environ[k]) for k in ("KD_ALPHA_OUTPUT", "KD_ALPHA_LAYER", "KD_T"))
+seen, records = [], []
+_losses, _backward = run_glue.distillation_losses, accelerate.Accelerator.backward
+
+
+def distillation_losses(student, teacher, *args, **kwargs):
+    seen.append((student, teacher))
+    return _losses(student, teacher, *args, **kwargs)
+
+
+def by_hand(student, teacher):
+    s, t = student.logits.float(), teacher.logits.float()
+    log_ps, log_pt = torch.log_softmax(s / T, dim=-1), torch.log_softmax(t / T, dim=-1)
+    kd_out = (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean() * T ** 2
+    terms = {"task": student.loss, "output": alpha_output * kd_out}
+    if alpha_layer > 0:
+        assert len(student.hidden_states) == len(teacher.hidden_states) == 3  # embeddings + 2 layers
+        terms["layer"] = alpha_layer * sum(((a.float() - b.float()) ** 2).mean()
+                                           for a, b in zip(student.hidden_states, teacher.hidden_states))
+    else:
+        assert student.hidden_states is None
+    return terms
+
+
+def backward(self, loss, **kwargs):
+    student, teacher = seen.pop()
+    terms = by_hand(student, teacher)
+    wrt = [student.logits] + list(student.hidden_states or ())
+    grad = lambda y: torch.autograd.grad(y, wrt, retain_graph=True, allow_unused=True)  # noqa: E731
+    flat = lambda gs: torch.cat([torch.zeros(0) if g is None else g.reshape(-1) for g in gs])  # noqa: E731
+    g_loss, g_hand = flat(grad(loss)), flat(grad(sum(terms.values())))
+    records.append({"loss": loss.item(), "hand": sum(terms.values()).item(),
+                    "terms": {k: v.item() for k, v in terms.items()},
+                    "grad_max_diff": (g_loss - g_hand).abs().max().item(), "grad_max": g_hand.abs().max().item(),
+                    "term_grad_max": {k: flat(grad(v)).abs().max().item() for k, v in terms.items()}})
+    return _backward(self, loss, **kwargs)
+
+
+run_glue.distillation_losses, accelerate.Accelerator.backward = distillation_losses, backward
+run_glue.main(sys.argv[1:])
+with open(os.environ["KD_RECORD"], "w") as f:
+    json.dump(records, f)
+'''
+
+
+@pytest.mark.parametrize("alpha_output, alpha_layer", [(0.7, 3.0), (2.0, 0.0)])
+def test_distillation_loss_is_task_plus_weighted_kd_terms(assets, runs, tmp_path, alpha_output, alpha_layer):
+    """The loss that is back-propagated equals task + alpha_output * kd_out + alpha_layer * kd_layer written by hand
+    (value and gradient), with both KD terms large enough that dropping or mis-weighting one would show. The teacher
+    is another random model with a scaled-up head: confident logits, other hidden states, so both KD terms are
+    large."""
+    from conftest import build_tiny_model, make_tokenizer
+
+    teacher = build_tiny_model("bert", "seq_cls", 2, seed=7)
+    with torch.no_grad():
+        teacher.classifier.weight.mul_(200.0)
+    teacher.save_pretrained(tmp_path / "teacher")
+    make_tokenizer().save_pretrained(tmp_path / "teacher")
+    driver = tmp_path / "kd_driver.py"
+    driver.write_text(DISTIL_DRIVER)
+    record = tmp_path / "record.json"
+    env = dict(assets["env"], KD_ALPHA_OUTPUT=str(alpha_output), KD_ALPHA_LAYER=str(alpha_layer), KD_T="2.0",
+               KD_RECORD=str(record))
+    proc = run_script(str(driver), ["--model_name_or_path", assets["models"]["bert", 2],
+                                    *_data_args(assets, "single"), "--max_train_steps", 3, "--learning_rate", 1e-3,
+                                    "--seed", 5, "--stored_model_path", runs("bert-single")[0] / "pytorch_model.bin",
+                                    "--teacher_path", tmp_path / "teacher", "--alpha_output", alpha_output,
+                                    "--alpha_layer", alpha_layer, "--temperature", 2.0,
+                                    "--output_dir", tmp_path / "kd"], extra_env=env)
+    _check_ok(proc)
+    steps = json.loads(record.read_text())
+    assert len(steps) == 3
+    expected_terms = {"task", "output"} | ({"layer"} if alpha_layer else set())
+    for r in steps:
+        assert set(r["terms"]) == expected_terms
+        assert r["loss"] == pytest.approx(r["hand"], rel=1e-5, abs=1e-6)
+        assert r["grad_max_diff"] <= 1e-5 * r["grad_max"] + 1e-9, r
+        for k in expected_terms - {"task"}:  # each KD term moves the loss and its gradient far beyond the tolerance
+            assert abs(r["terms"][k]) > 1e-3 * abs(r["hand"]) and r["term_grad_max"][k] > 1e-3 * r["grad_max"], (k, r)
+    res = _results(tmp_path / "kd")  # the reported means are the unweighted terms
+    assert res["train_kd_output_loss"] == pytest.approx(sum(r["terms"]["output"] for r in steps) / 3 / alpha_output,
+                                                         rel=1e-5)
+    if alpha_layer:
+        assert res["train_kd_layer_loss"] == pytest.approx(sum(r["terms"]["layer"] for r in steps) / 3 / alpha_layer,
+                                                            rel=1e-5)
+    else:
+        assert res["train_kd_layer_loss"] == 0.0
 
 
 # ----------------------------------------------------------------------------------------------------

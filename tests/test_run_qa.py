@@ -4,6 +4,7 @@ Train + eval with LoSparse, eval-only of the saved checkpoint, SQuAD v2.0, exact
 baseline, usage errors, and a learnability check (the answer is always the first word of the context).
 """
 import json
+import math
 import random
 import re
 import shutil
@@ -11,7 +12,9 @@ import string
 
 import pytest
 
-from conftest import REPO, _WORDS, run_script, save_tiny_model
+import torch
+
+from conftest import REPO, _WORDS, losparse_layers_from_state_dict, losparse_ratios, run_script, save_tiny_model
 from run_qa import ALLOW_NAME, BLOCK_NAME
 from utils_qa import squad_evaluate
 
@@ -80,6 +83,21 @@ def results(out):
     return json.loads((out / "all_results.json").read_text())
 
 
+def check_ratio(out, res, low_rank, final):
+    """The effective ratio is that of the saved checkpoint: the ranks of ``--low_rank_parameter_ratio`` plus the
+    final fraction of S, within one row per layer (as in test_run_glue.py)."""
+    layers = losparse_layers_from_state_dict(torch.load(out / "pytorch_model.bin", weights_only=True))
+    assert len(layers) == 12  # 2 layers x (q, k, v, attention output, intermediate, output)
+    # ranks ceil(ratio * H * W / (H + W)) of the 32 x 32 and 64 x 32 / 32 x 64 matrices
+    r32, r64 = (math.ceil(low_rank * 1024 / 64), math.ceil(low_rank * 2048 / 96))
+    assert sorted({(l["out"], l["in"], l["rank"]) for l in layers}) == [(32, 32, r32), (32, 64, r64), (64, 32, r64)]
+    low, sparse, tol = losparse_ratios(layers)
+    assert low == pytest.approx((4 * r32 * 64 + 2 * r64 * 96) / 8192, abs=1e-12)
+    assert res["effective_ratio"] == pytest.approx(low + sparse, abs=1e-12)
+    assert abs(res["effective_ratio"] - (low + final)) <= tol, (res["effective_ratio"], low + final, tol)
+    assert sparse > 0
+
+
 def ids(path):
     return [r["id"] for r in json.loads(path.read_text())["data"]]
 
@@ -106,7 +124,7 @@ def test_train_eval_then_eval_only_reproduces(assets, tmp_path, kind):
     assert list(predictions) == ids(assets["dev"])
     assert 0 <= res["eval_exact_match"] <= 100 and 0 <= res["eval_f1"] <= 100
     # 12 replaced 32x32 / 64x32 matrices at rank 2-3 (about 13 % of their parameters) + 20 % of the rows of S
-    assert 0.25 < res["effective_ratio"] < 0.45
+    check_ratio(out, res, 0.1, 0.2)
     assert res["train_steps"] == 3 * 11 and res["threshold"] == pytest.approx(0.2)
     assert res["model_params"] < res["model_params_dense_equivalent"]
     assert res["train_runtime_s"] > 0
@@ -129,7 +147,6 @@ def test_train_eval_then_eval_only_reproduces(assets, tmp_path, kind):
     assert not (out2 / "pytorch_model.bin").exists()  # eval-only does not re-save the model
 
     if kind == "bert":  # the compact export is the same trained model
-        import torch
         from transformers import AutoModelForQuestionAnswering
 
         import utils
@@ -184,6 +201,10 @@ def test_resume_from_checkpoint_is_exact(assets, tmp_path):
     a, b = results(full), results(resumed)
     for key in ("eval_exact_match", "eval_f1", "effective_ratio", "train_steps"):
         assert a[key] == b[key], key
+    wa, wb = (torch.load(d / "pytorch_model.bin", weights_only=True) for d in (full, resumed))
+    assert wa.keys() == wb.keys()
+    for k in wa:  # the same weights, bit for bit (the masks included)
+        assert torch.equal(wa[k], wb[k]), k
 
 
 def test_full_finetuning_baseline(assets, tmp_path):
@@ -194,7 +215,6 @@ def test_full_finetuning_baseline(assets, tmp_path):
     res = results(out)
     assert res["effective_ratio"] == 1.0 and res["threshold"] is None and res["train_steps"] == 5
     assert res["model_params"] == res["model_params_dense_equivalent"]
-    import torch
     keys = torch.load(out / "pytorch_model.bin", weights_only=True).keys()
     assert not any(k.endswith(("left.weight", "sparse.weight")) for k in keys)
 
@@ -259,7 +279,7 @@ def test_learns_the_first_word(assets, tmp_path):
     chance, res = results(untrained)["eval_exact_match"], results(out)["eval_exact_match"]
     assert chance < 15
     assert res >= 80 and res - chance >= 65, (chance, res)
-    assert results(out)["effective_ratio"] < 0.85
+    check_ratio(out, results(out), 0.25, 0.5)
 
 
 @pytest.mark.parametrize("variant", ["deberta", "bert", "eval"])

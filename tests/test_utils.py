@@ -1,6 +1,7 @@
 """Core library: decomposition, layer, walker, pruner, checkpoint I/O, reporting, argparse helper."""
 import argparse
 import copy
+import json
 import math
 
 import pytest
@@ -377,6 +378,34 @@ def test_load_checkpoint_into_unsubstituted_model():
     torch.testing.assert_close(_out(plain, "bert"), ref, atol=0, rtol=0)
 
 
+class _Payload:
+    """Unpickling this object runs ``Path.touch(marker)``: what a malicious checkpoint could do instead."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+        return Path.touch, (Path(self.marker),)
+
+
+def test_load_checkpoint_refuses_pickled_objects(tmp_path):
+    """weights_only=True: a .bin that pickles an arbitrary callable is rejected, and the callable never runs."""
+    m = build_tiny_model("bert")
+    utils.substitute_layer_weights(m, ORIG_ALLOW, BLOCK, parameter_ratio=0.1)
+    marker = tmp_path / "code_ran"
+    sd = dict(m.state_dict())
+    sd["payload"] = _Payload(marker)
+    torch.save(sd, tmp_path / "evil.bin")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(Exception, match="(?i)weights.only"):
+        utils.load_checkpoint(m, tmp_path / "evil.bin")
+    assert not marker.exists()
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    torch.load(tmp_path / "evil.bin", weights_only=False)  # the file does carry the payload
+    assert marker.exists()
+
+
 # ---------------------------------------------------------------------------------------------- compact export
 def test_export_compact_reload_and_merge(tmp_path):
     m = build_tiny_model("bart", "seq2seq").eval()
@@ -406,6 +435,21 @@ def test_export_compact_reload_and_merge(tmp_path):
     stored = sum(p.numel() for p in reloaded.parameters()) * 4 + idx_bytes
     assert stored <= rep.files["model.safetensors"] <= stored * 1.05 + 20000
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.shared.weight.data_ptr()
+
+
+@pytest.mark.parametrize("kind,head", [("bert", "seq_cls"), ("bart", "seq2seq")])
+def test_load_compact_reproduces_the_compacted_model_bit_for_bit(tmp_path, kind, head):
+    """What the README claims: a compacted model (utils.prune) and its export reloaded give equal outputs."""
+    m = build_tiny_model(kind, head).eval()
+    utils.substitute_layer_weights(m, SCRIPT_ALLOW, BLOCK, parameter_ratio=0.1)
+    _zero_rows(m)
+    utils.prune(m)
+    utils.export_compact(m, tmp_path / "compact")
+    meta = json.loads((tmp_path / "compact" / "losparse_config.json").read_text())
+    assert {e["form"] for e in meta["layers"].values()} == {"losparse"}  # nothing stored merged
+    reloaded = utils.load_compact(tmp_path / "compact")
+    for seed, length in ((0, 9), (1, 17)):
+        assert torch.equal(_out(reloaded, kind, length=length, seed=seed), _out(m, kind, length=length, seed=seed))
 
 
 def test_compression_report_numbers():
@@ -449,12 +493,27 @@ def test_schedule_matches_formula():
     assert pr.schedule_threshold_comb(40)[0] == pytest.approx(0.15 + 0.85 * 0.5 ** 3)
 
 
+# The row_col rule, written out here (not imported): rows of these projections, columns of every other matrix.
+REF_ROW_NAMES = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "query_proj", "key_proj", "value_proj")
+
+
 class RefPruner:
     """Straightforward element-wise PLATON (the original code's rules, with its crashes fixed)."""
 
     def __init__(self, args, total_step, method, direction, pruner_name="PLATON"):
         self.a, self.T, self.method, self.direction, self.name = args, total_step, method, direction, pruner_name
         self.ipt, self.avg, self.unc = {}, {}, {}
+
+    def schedule(self, t):
+        """The cubic schedule of the paper, from the formula: (kept fraction, mask at this step)."""
+        a, T = self.a, self.T
+        ti, tf = a.initial_warmup * a.warmup_steps, a.final_warmup * a.warmup_steps
+        if t <= ti:
+            return a.initial_threshold, False
+        if t > T - tf:
+            return a.final_threshold, True
+        progress = (t - ti) / (T - ti - tf)
+        return a.final_threshold + (a.initial_threshold - a.final_threshold) * (1 - progress) ** 3, t % a.deltaT == 0
 
     def update(self, model, t):
         a = self.a
@@ -494,16 +553,16 @@ class RefPruner:
             return s
         d = self.direction
         if d == "row_col":
-            leaf = n.split(".")[-3]
-            d = "row" if leaf in ("query", "key", "value") else "col"
+            leaf = n.split(".")[-3]  # "<...>.<leaf>.sparse.weight"
+            d = "row" if leaf in REF_ROW_NAMES else "col"
         dim = 1 if d == "row" else 0
         f = {"mean": lambda x: x.mean(dim, keepdim=True), "sum": lambda x: x.sum(dim, keepdim=True),
              "max": lambda x: x.max(dim, keepdim=True).values, "min": lambda x: x.min(dim, keepdim=True).values}
         return f[self.method](s).expand_as(s)
 
-    def step(self, model, t, sched):
+    def step(self, model, t):
         self.update(model, t)
-        thr, mask = sched(t)
+        thr, mask = self.schedule(t)
         if not mask:
             return thr, None
         sc = {n: self.structured(self.score(n), n) for n, p in model.named_parameters() if "sparse" in n}
@@ -525,10 +584,24 @@ class QKV(nn.Module):
         self.output = nn.Linear(16, 12)
 
 
-def _train_pair(method, direction, beta2, pruner_name="PLATON", steps=40, total=40, seed=0, **akw):
+class AllNames(nn.Module):
+    """Every ``row_col`` row name, nested, and column-direction modules; no two matrices of the same shape."""
+
+    COL_NAMES = ("dense", "out_proj", "fc1", "output")
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.Module()
+        for i, name in enumerate(REF_ROW_NAMES + self.COL_NAMES):
+            setattr(self.attn, name, nn.Linear(6 + i, 19 - i))
+
+
+def _train_pair(method, direction, beta2, pruner_name="PLATON", steps=40, total=40, seed=0, model_cls=None, **akw):
     torch.manual_seed(seed)
-    model = QKV()
-    utils.substitute_layer_weights(model, ["query", "dense", "output"], [], parameter_ratio=0.2)
+    model = (model_cls or QKV)()
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    utils.substitute_layer_weights(model, [n.rsplit(".", 1)[-1] for n in names], [], parameter_ratio=0.2)
+    assert len(_losparse_layers(model)) == len(names)
     ref_model = copy.deepcopy(model)
     args = _args(beta2=beta2, **akw)
     pruner = utils.Pruner(model, args, total, structured_method=method, structured_direction=direction,
@@ -546,30 +619,72 @@ def _train_pair(method, direction, beta2, pruner_name="PLATON", steps=40, total=
                     p.grad = grads[n].clone()
                     p -= 0.01 * p.grad
         got = pruner.update_and_pruning(model, t)
-        exp = ref.step(ref_model, t, pruner.schedule_threshold_comb)
+        exp = ref.step(ref_model, t)
         history.append((got, exp))
         for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
             assert torch.equal(p == 0, q == 0), f"step {t}: mask of {n} differs"
     return model, pruner, history
 
 
+def _check_history(history):
+    """Thresholds from the reference's own schedule, the same mask steps, the same mask thresholds."""
+    for t, ((gt, gm), (et, em)) in enumerate(history):
+        assert gt == pytest.approx(et, rel=1e-12, abs=1e-12), t
+        assert (gm is None) == (em is None), t
+        if em is not None:
+            assert gm == pytest.approx(em, rel=1e-5, abs=1e-12), t
+    masked = [e for _, e in history if e[1] is not None]
+    assert len(masked) >= 10
+    assert len({round(e[0], 12) for e in masked}) >= 5  # the schedule moved while masking
+    return masked
+
+
+# beta2: 1 (no uncertainty), (0, 1) (EMA), 2 (variance) and every other value (|ipt - avg|): 0, 1.5, 3
 PRUNER_CASES = [(m, d, b) for m in ("mean", "sum", "max", "min") for d in ("row", "col", "row_col")
-                for b in (1.0, 0.5, 2.0, 0.0)] + [(None, "row", b) for b in (1.0, 0.5, 2.0, 0.0)]
+                for b in (1.0, 0.5, 2.0, 0.0)] + [(None, "row", b) for b in (1.0, 0.5, 2.0, 0.0)] + \
+               [(m, d, b) for m in ("mean", "max", None) for d in ("row", "col") for b in (1.5, 3.0)]
 
 
 @pytest.mark.parametrize("method,direction,beta2", PRUNER_CASES)
 def test_pruner_matches_elementwise_reference(method, direction, beta2):
     _, _, history = _train_pair(method, direction, beta2)
-    masked = [(g, e) for g, e in history if e[1] is not None]
-    assert len(masked) >= 10
-    for (gt, gm), (et, em) in masked:
-        assert gt == et
-        assert gm == pytest.approx(em, rel=1e-5, abs=1e-12)
+    _check_history(history)
 
 
-@pytest.mark.parametrize("method", ["mean", None])
-def test_magnitude_pruner_matches_reference(method):
-    _train_pair(method, "row", 1.0, pruner_name="Magnitude")
+def test_reference_schedule_is_the_cubic_formula():
+    """The reference's schedule (used above) against numbers worked out by hand for _args()'s defaults."""
+    ref = RefPruner(_args(), 40, "mean", "row")  # ti = 3, tf = 6: cubic on (3, 34], final from 35
+    assert ref.schedule(3) == (1.0, False)
+    assert ref.schedule(4) == (pytest.approx(0.3 + 0.7 * (30 / 31) ** 3), True)
+    assert ref.schedule(19) == (pytest.approx(0.3 + 0.7 * (15 / 31) ** 3), False)
+    assert ref.schedule(33) == (pytest.approx(0.3 + 0.7 * (1 / 31) ** 3), False)
+    assert ref.schedule(34) == (pytest.approx(0.3), True)
+    assert ref.schedule(35) == (0.3, True) and ref.schedule(39) == (0.3, True)
+
+
+@pytest.mark.parametrize("method", ["mean", "max"])
+@pytest.mark.parametrize("beta2", [1.0, 0.5])
+def test_row_col_every_row_name_and_column_modules(method, beta2):
+    """row_col: rows of each of the 9 projection names, columns of dense/out_proj/fc1/output (nested modules)."""
+    assert set(utils.ROW_COL_ROW_NAMES) == set(REF_ROW_NAMES)
+    model, pruner, history = _train_pair(method, "row_col", beta2, model_cls=AllNames)
+    _check_history(history)
+    layers = {n.rsplit(".", 1)[-1]: l.sparse.weight for n, l in _losparse_layers(model).items()}
+    for name, w in layers.items():
+        zero = w == 0
+        if name in REF_ROW_NAMES:  # whole rows are zero, and at least one row is
+            assert torch.equal(zero, zero.all(dim=1, keepdim=True).expand_as(zero)), name
+        else:  # whole columns
+            assert torch.equal(zero, zero.all(dim=0, keepdim=True).expand_as(zero)), name
+    assert any((w == 0).all(dim=1).any() for n, w in layers.items() if n in REF_ROW_NAMES)
+    assert any((w == 0).all(dim=0).any() for n, w in layers.items() if n in AllNames.COL_NAMES)
+
+
+@pytest.mark.parametrize("method", ["mean", "sum", "max", "min", None])
+@pytest.mark.parametrize("direction", ["row", "col"])
+def test_magnitude_pruner_matches_reference(method, direction):
+    _, _, history = _train_pair(method, direction, 1.0, pruner_name="Magnitude")
+    _check_history(history)
 
 
 @pytest.mark.parametrize("final", [0.3, 0.15, 0.5])
