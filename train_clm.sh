@@ -8,7 +8,8 @@
 #   bash train_clm.sh                 # Qwen2.5-0.5B at 50 % (low-rank 0.2 + sparse 0.3)
 #   bash train_clm.sh qwen1.5b        # Qwen2.5-1.5B at 50 %
 #   bash train_clm.sh llama8b         # Llama-3.1-8B at 50 % (gated on the Hub: accept the licence, log in)
-#   bash train_clm.sh all             # the three, one after the other
+#   PYTHON="torchrun --nproc_per_node 8" bash train_clm.sh llama8b-fsdp2   # Llama-3.1-8B over 8 GPUs (FSDP2)
+#   bash train_clm.sh all             # the four, one after the other
 #   LOW_RANK=0.1 FINAL_THRESHOLD=0.2 bash train_clm.sh qwen0.5b   # 30 %
 #   bash train_clm.sh qwen0.5b --no_losparse --output_dir output/qwen0.5b_full    # full fine-tuning baseline
 #   bash train_clm.sh qwen0.5b --num_train_epochs 0 --no_losparse --output_dir output/qwen0.5b_dense  # as loaded
@@ -23,7 +24,8 @@
 #     --torch_dtype bfloat16 (pure bf16 weights, gradients and AdamW state: 8 bytes a parameter, about 64 GB for
 #     8B, plus L and R) and --gradient_checkpointing at batch 1 x 2048 it is at the limit of 80 GB; Qwen2.5-7B and
 #     LLaMA-2-7B leave a little more room. Pure bf16 AdamW updates lose small steps: use a learning rate >= 1e-5.
-#     DeepSpeed / FSDP, which would shard it, are refused (the pruner needs whole rows of S on every process).
+#     Or shard it over several GPUs with FSDP2 (--fsdp2, recipe llama8b-fsdp2: fp32 weights, bf16 autocast, about
+#     17 GB of weights and optimizer state per GPU at 8 GPUs); DeepSpeed and FSDP1 are refused.
 #   - --gradient_checkpointing trades about 30 % more time for activations of one layer instead of all;
 #     --mixed_precision bf16 (fp32 weights, bf16 compute) is the setting for the smaller models.
 # Token budget: WikiText-2 has about 2.4 M (Qwen) / 2.5 M (LLaMA-3) training tokens = about 1,200 blocks of 2048;
@@ -67,10 +69,22 @@ llama8b() {
     --output_dir "${OUTPUT_DIR:-output/llama-3.1-8b_wikitext2}" "$@"
 }
 
+llama8b_fsdp2() {
+  # Llama-3.1-8B sharded over the processes of the launcher (FSDP2: every rank holds whole rows of S):
+  # fp32 master weights, bf16 autocast, global batch 8 blocks at 8 GPUs. Launch with
+  # PYTHON="torchrun --nproc_per_node 8" (or accelerate launch --multi_gpu --num_processes 8).
+  $PY run_clm.py --model_name_or_path meta-llama/Llama-3.1-8B "${data[@]}" "${losparse[@]}" \
+    --per_device_train_batch_size 1 --gradient_accumulation_steps 1 --per_device_eval_batch_size 1 \
+    --learning_rate 2e-5 --lr_scheduler_type cosine --num_warmup_steps 10 --num_train_epochs 2 \
+    --warmup_steps 25 --mixed_precision bf16 --gradient_checkpointing --fsdp2 --seed 7 --checkpointing_steps 50 \
+    --output_dir "${OUTPUT_DIR:-output/llama-3.1-8b_wikitext2_fsdp2}" "$@"
+}
+
 case "$which" in
   qwen0.5b) qwen05 "$@" ;;
   qwen1.5b) qwen15 "$@" ;;
   llama8b) llama8b "$@" ;;
-  all) qwen05 "$@"; qwen15 "$@"; llama8b "$@" ;;
-  *) echo "train_clm.sh: unknown recipe '$which' (qwen0.5b | qwen1.5b | llama8b | all)" >&2; exit 2 ;;
+  llama8b-fsdp2) llama8b_fsdp2 "$@" ;;
+  all) qwen05 "$@"; qwen15 "$@"; llama8b "$@"; llama8b_fsdp2 "$@" ;;
+  *) echo "train_clm.sh: unknown recipe '$which' (qwen0.5b | qwen1.5b | llama8b | llama8b-fsdp2 | all)" >&2; exit 2 ;;
 esac

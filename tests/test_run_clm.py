@@ -414,6 +414,7 @@ def test_train_clm_sh_commands_parse():
     for a in parsed:
         assert (a.dataset_name, a.dataset_config_name, a.eval_split, a.block_size) == \
             ("wikitext", "wikitext-2-raw-v1", "test", 2048)
+    assert [a.fsdp2 for a in parsed] == [False, False, False, True]  # llama8b-fsdp2 shards with FSDP2
 
 
 def test_bench_generate_smoke():
