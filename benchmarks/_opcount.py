@@ -49,3 +49,20 @@ def count_ops(fn):
     with OpCounter() as c:
         fn()
     return c
+
+
+def saved_activation_bytes(fn, params):
+    """Bytes of the tensors autograd saves for backward while ``fn()`` runs, ``params`` excluded (each storage
+    once): the activation memory a training step keeps between forward and backward."""
+    skip = {p.data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())

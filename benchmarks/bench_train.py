@@ -24,7 +24,7 @@ import torch
 
 import _common as C
 from _common import utils
-from _opcount import OpCounter
+from _opcount import OpCounter, saved_activation_bytes
 
 VARIANTS = ("dense", "losparse_factored", "losparse", "losparse_window_step", "losparse_mask_step")
 
@@ -128,19 +128,10 @@ def measure_ops(s):
 
 def saved_bytes(s):
     """Bytes autograd keeps for backward (activations; parameters excluded, each storage once)."""
-    params = {p.data_ptr() for p in s.model.parameters()}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with factored(s.factored), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        s.forward_backward()
+    with factored(s.factored):
+        n = saved_activation_bytes(s.forward_backward, s.model.parameters())
     s.optimizer.zero_grad(set_to_none=True)
-    return sum(seen.values())
+    return n
 
 
 def main(argv=None):

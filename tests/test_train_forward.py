@@ -22,7 +22,7 @@ from conftest import REPO, build_tiny_model
 import utils
 
 sys.path.insert(0, str(REPO / "benchmarks"))  # _opcount, bench_train
-from _opcount import count_ops  # noqa: E402
+from _opcount import count_ops, saved_activation_bytes  # noqa: E402
 
 
 def _reference(layer, x):
@@ -110,20 +110,7 @@ def test_frozen_parameters_get_no_gradient():
 
 
 def _saved_activation_bytes(model, batch):
-    """Bytes of the tensors autograd keeps for backward, parameters excluded (each storage once)."""
-    params = {p.data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**batch).loss
-    loss.backward()
-    return sum(seen.values())
+    return saved_activation_bytes(lambda: model(**batch).loss.backward(), model.parameters())
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
