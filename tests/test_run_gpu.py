@@ -112,3 +112,21 @@ def test_budget_skips_sections_and_bad_sections_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_gpu.main([str(tmp_path), "--sections", "bert,gpu"])
     assert "--sections: unknown ['gpu']; allowed: stacks, bert" in capsys.readouterr().err
+
+
+def test_every_full_section_parses_its_arguments():
+    """The GPU argv of each section is valid for its script (parsed here with --device cpu)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import run_gpu
+
+    for name, (module, full, quick) in run_gpu.SECTIONS.items():
+        args = module.parse_args(full + ["--device", "cpu"])
+        assert not args.quick, name
+        if module.__name__ == "bench_inference":
+            assert args.dtypes == ["bf16"] and args.skip_original and args.compile_backend == "inductor"
+    bert = run_gpu.SECTIONS["bert"][0].parse_args(run_gpu.SECTIONS["bert"][1])
+    assert (bert.models, bert.batch_sizes, bert.seq_len, bert.ratios) == (["bert"], [32], 128, [0.2])
+    assert bert.compile_modes == ["none", "default", "reduce-overhead"]
+    stacks = run_gpu.SECTIONS["stacks"][0].parse_args(run_gpu.SECTIONS["stacks"][1] + ["--device", "cpu"])
+    assert (stacks.stack_tokens, stacks.llama_tokens, stacks.ratios, stacks.skip_llama) == (16384, 16384, [0.1, 0.2],
+                                                                                          False)
