@@ -407,9 +407,10 @@ class LinearLoSparse(nn.Module):
         """Inference of a compacted layer: x is flattened to 2-D (the bias stays in the GEMM), the path is
         chosen per token-count bucket (:meth:`_path_for`), and the path's derived tensors are reused while L,
         R, S, the bias and ``nonzero_idx`` are unchanged (checked through their version counters; under
-        ``torch.compile`` they are derived inside the graph, so they are never stale).
+        ``torch.compile`` they are derived inside the graph, so they are never stale). A layer prepared by
+        :func:`prepare_for_inference` runs on its buffers instead (:func:`_prepared_forward`).
         """
-        if self._prepared_path is not None:  # prepare_for_inference: buffers derived once (torch.compile, CUDA graphs)
+        if self._prepared_path is not None:  # prepare_for_inference: derived once, held as buffers
             return _prepared_forward(self, x)
         shape = x.shape
         x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
