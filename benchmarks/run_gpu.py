@@ -147,6 +147,9 @@ def run_section(name, argv, jsonl):
     module = SECTIONS[name][0]
     t0 = time.perf_counter()
     tee = _Tee(jsonl, name)
+    # bench_train turns tf32 on for its step: the sections after it must not inherit that
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
     try:
         with contextlib.redirect_stdout(tee):
             module.main(argv)
@@ -157,6 +160,8 @@ def run_section(name, argv, jsonl):
     finally:
         if tee.buf:
             tee._line(tee.buf)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags[:2]
+        torch.set_float32_matmul_precision(flags[2])
         gc.collect()
         torch._dynamo.reset()
         if torch.cuda.is_available():
@@ -256,6 +261,9 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     jsonl, md = out / "figures.jsonl", out / "figures.md"
     jsonl.write_text("")
+    # one section compiles up to 4 variants of a model (dense / compacted x 2 modes): room for their graphs, so
+    # none falls back to eager silently
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     t0 = time.perf_counter()
     for name in args.sections:
         elapsed = time.perf_counter() - t0

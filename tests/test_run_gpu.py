@@ -91,9 +91,16 @@ def test_failed_section_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
         raise RuntimeError("CUDA error: out of memory")
 
     monkeypatch.setitem(run_gpu.SECTIONS, "generate", (types.SimpleNamespace(main=boom), [], []))
-    monkeypatch.setitem(run_gpu.SECTIONS, "svd", (types.SimpleNamespace(main=lambda argv: print(
-        json.dumps({"what": "svd", "method": "auto", "matrices": 72, "seconds": 0.25}))), [], []))
+    def svd(argv):
+        torch.backends.cuda.matmul.allow_tf32 = True  # as bench_train does: must not leak into later sections
+        print(json.dumps({"what": "svd", "method": "auto", "matrices": 72, "seconds": 0.25}))
+
+    monkeypatch.setitem(run_gpu.SECTIONS, "svd", (types.SimpleNamespace(main=svd), [], []))
+    import torch
+
+    assert torch.backends.cuda.matmul.allow_tf32 is False
     assert run_gpu.main([str(tmp_path), "--quick", "--sections", "generate,svd"]) == 1
+    assert torch.backends.cuda.matmul.allow_tf32 is False
     recs = _records(tmp_path)
     assert [(r["section"], r["what"]) for r in recs] == [("generate", "partial"), ("generate", "error"),
                                                          ("svd", "svd"), ("svd", "section"), ("all", "done")]
