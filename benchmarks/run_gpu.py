@@ -265,15 +265,20 @@ def main(argv=None):
     # none falls back to eager silently
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     t0 = time.perf_counter()
-    for name in args.sections:
-        elapsed = time.perf_counter() - t0
-        if elapsed > args.budget_s:
-            record(jsonl, {"section": name, "what": "skipped", "reason": f"budget: {elapsed:.0f} s > --budget-s "
-                                                                         f"{args.budget_s:g}"})
-        else:
-            _, full, quick = SECTIONS[name]
-            run_section(name, (quick if args.quick else full) + ["--device", args.device], jsonl)
+    try:
+        for name in args.sections:
+            elapsed = time.perf_counter() - t0
+            if elapsed > args.budget_s:
+                record(jsonl, {"section": name, "what": "skipped", "reason": f"budget: {elapsed:.0f} s > "
+                                                                             f"--budget-s {args.budget_s:g}"})
+            else:
+                _, full, quick = SECTIONS[name]
+                run_section(name, (quick if args.quick else full) + ["--device", args.device], jsonl)
+            write_table(jsonl, md)
+    except KeyboardInterrupt:  # run_gpu.sh's timeout sends SIGINT: keep the table of what finished
+        record(jsonl, {"section": "all", "what": "interrupted", "seconds": round(time.perf_counter() - t0, 1)})
         write_table(jsonl, md)
+        return 130
     record(jsonl, {"section": "all", "what": "done", "seconds": round(time.perf_counter() - t0, 1)})
     write_table(jsonl, md)
     errors = sum(1 for line in jsonl.read_text().splitlines() if json.loads(line).get("what") == "error")

@@ -137,3 +137,18 @@ def test_every_full_section_parses_its_arguments():
     stacks = run_gpu.SECTIONS["stacks"][0].parse_args(run_gpu.SECTIONS["stacks"][1] + ["--device", "cpu"])
     assert (stacks.stack_tokens, stacks.llama_tokens, stacks.ratios, stacks.skip_llama) == (16384, 16384, [0.1, 0.2],
                                                                                           False)
+
+
+def test_an_interrupted_run_keeps_its_table(tmp_path, monkeypatch):
+    """run_gpu.sh's timeout sends SIGINT: the figures so far stay, with an ``interrupted`` line and the table."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import run_gpu
+
+    def slow(argv):
+        print(json.dumps({"what": "svd", "method": "auto", "matrices": 72, "seconds": 0.75}))
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(run_gpu.SECTIONS, "svd", (types.SimpleNamespace(main=slow), [], []))
+    assert run_gpu.main([str(tmp_path), "--quick", "--sections", "svd,generate"]) == 130
+    assert [(r["section"], r["what"]) for r in _records(tmp_path)] == [("svd", "svd"), ("all", "interrupted")]
+    assert "| SVD substitution (auto, 72 matrices) ≤ 0.5 s | 0.75 | not met |" in (tmp_path / "figures.md").read_text()
