@@ -4,7 +4,7 @@ One drop-in module, in reading order:
 
 1. decomposition      ``low_rank_decomposition``
 2. the layer          ``LinearLoSparse`` (forward, compaction, parameter count)
-3. the walker         ``substitute_layer_weights``, ``prune``
+3. the walker         ``substitute_layer_weights``, ``prune``, ``prepare_for_inference`` (torch.compile, CUDA graphs)
 4. the pruner         ``Pruner`` (cubic schedule, PLATON importance, masking, ``state_dict``)
 5. checkpoint I/O     ``load_checkpoint``, ``save_checkpoint``, ``export_compact``, ``load_compact``,
    and reporting      ``compression_report``
@@ -49,6 +49,7 @@ __all__ = [
     "load_checkpoint", "save_checkpoint", "export_compact", "load_compact", "compression_report",
     "CompressionReport", "CheckpointMismatchError", "add_losparse_args", "validate_losparse_args",
     "check_distributed_support", "apply_fsdp2", "fsdp2_checkpointing", "fsdp2_full_model",
+    "prepare_for_inference",
 ]
 
 SVD_METHODS = ("full", "randomized", "auto")
@@ -314,6 +315,7 @@ class LinearLoSparse(nn.Module):
     prefer = "speed"
     compact_path = None
     last_path = None
+    _prepared_path = None  # set by prepare_for_inference
 
     def __init__(self, in_feature, out_feature, reduced_rank, has_bias=True, has_sparse=True, device=None,
                  dtype=None):
@@ -405,8 +407,11 @@ class LinearLoSparse(nn.Module):
         """Inference of a compacted layer: x is flattened to 2-D (the bias stays in the GEMM), the path is
         chosen per token-count bucket (:meth:`_path_for`), and the path's derived tensors are reused while L,
         R, S, the bias and ``nonzero_idx`` are unchanged (checked through their version counters; under
-        ``torch.compile`` they are derived inside the graph, so they are never stale).
+        ``torch.compile`` they are derived inside the graph, so they are never stale). A layer prepared by
+        :func:`prepare_for_inference` runs on its buffers instead (:func:`_prepared_forward`).
         """
+        if self._prepared_path is not None:  # prepare_for_inference: derived once, held as buffers
+            return _prepared_forward(self, x)
         shape = x.shape
         x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
         path = self._path_for(x2)
@@ -634,6 +639,114 @@ def prune(module, prefer="speed"):
         m._invalidate_derived()
     logger.info("LoSparse: compacted %d layers", len(layers))
     return len(layers)
+
+
+# Inference preparation: derived tensors held as buffers, for torch.compile and CUDA graphs --------------------
+# The tensors each path of COMPACT_PATHS multiplies by (see LinearLoSparse._derive), held as non-persistent
+# buffers named _prepared_<key>.
+_PREPARED_KEYS = {"fused": ("rs_t", "l_t"), "transposed": ("rs", "l", "b_col"), "onehot": ("rs_t", "lp_t"),
+                  "merged": ("w",)}
+_PREPARED_PREFIX = "_prepared_"
+PREPARE_TOKENS = 4096  # rows per call a path is chosen for by default (BERT b32 x 128)
+
+
+def prepare_for_inference(module, tokens=None, path=None):
+    """Derive each compacted layer's inference tensors once and hold them as non-persistent buffers.
+
+    For ``torch.compile`` (``fullgraph=True``, ``mode="reduce-overhead"``) and CUDA graphs: the graph reads the
+    buffers as inputs instead of building ``[R; S_kept]``, the padded ``L`` (or the merged weight) on every
+    call. Each layer runs one form of :data:`COMPACT_PATHS` for all calls: ``path`` if given, else the one the
+    layer picks (``compact_path``, ``prefer``; cost model on CPU, one timing on CUDA) for ``tokens`` rows per
+    call (batch x sequence length; default :data:`PREPARE_TOKENS`). The buffers are not in the state dict
+    (keys and checkpoints unchanged), follow ``.to()``, and take about as much memory as the compacted weights
+    (the dense matrix for ``merged``).
+
+    Weights changed afterwards (in place, ``load_state_dict``, an optimizer step): an eager call notices it
+    (version counters) and re-derives the buffers. A compiled model or a captured CUDA graph does not look:
+    call ``prepare_for_inference(module)`` again. It re-derives the buffers in place (same storage, so no
+    recompilation, and CUDA graphs replay with the new values) and keeps each layer's form unless ``tokens`` or
+    ``path`` is given. Returns the number of layers prepared.
+    """
+    if path is not None and path not in COMPACT_PATHS:
+        raise ValueError(f"prepare_for_inference(path={path!r}): allowed values are None, "
+                         + ", ".join(map(repr, COMPACT_PATHS)))
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        raise ValueError(f"prepare_for_inference(tokens={tokens!r}): a positive int (rows per call) or None")
+    _refuse_sharded(module, "prepare_for_inference")
+    layers = [m for m in module.modules() if isinstance(m, LinearLoSparse) and m.has_sparse and m.is_compacted]
+    if not layers:
+        raise ValueError("prepare_for_inference: the model has no compacted LinearLoSparse layer; call "
+                         "utils.prune(model) (or load it with utils.load_compact) first")
+    for m in layers:
+        chosen = path
+        if chosen is None and (tokens is not None or m._prepared_path is None):
+            chosen = _choose_path(m, tokens or PREPARE_TOKENS)
+        if chosen is not None:
+            m._prepared_path = chosen
+        _refresh_prepared(m)
+    logger.info("LoSparse: prepared %d compacted layers for inference (%s)", len(layers),
+                ", ".join(sorted({m._prepared_path for m in layers})))
+    return len(layers)
+
+
+def _choose_path(layer, tokens):
+    """The path ``layer`` takes for ``tokens`` rows (its own rule); drops what the choice cached."""
+    w = layer.left.weight
+    if w.is_cuda:  # timed on real memory
+        x2 = torch.zeros(tokens, layer.in_feature, device=w.device, dtype=w.dtype)
+    else:  # the cost model reads only the shape, the element size and the device type
+        x2 = torch.zeros((), device=w.device, dtype=w.dtype).expand(tokens, layer.in_feature)
+    layer._prepared_path = None
+    with torch.no_grad():
+        path = layer._path_for(x2)
+    layer._invalidate_derived()
+    return path
+
+
+def _prepared_key(layer):
+    return tuple((t.data_ptr(), t._version) for t in (layer.left.weight, layer.right.weight,
+                                                       layer.sparse_weight_pruned, layer.nonzero_idx, layer.bias)
+                 if t is not None)
+
+
+def _refresh_prepared(layer):
+    """Re-derive the prepared path's tensors into the layer's buffers: in place when shape, dtype and device
+    hold (a compiled graph or a CUDA graph keeps reading the same storage), else as new buffers."""
+    path = layer._prepared_path
+    keys = _PREPARED_KEYS[path]
+    for name in [b for b in layer._buffers if b.startswith(_PREPARED_PREFIX)]:
+        if name[len(_PREPARED_PREFIX):] not in keys:  # another path's, from an earlier preparation
+            del layer._buffers[name]
+    with torch.inference_mode(False), torch.no_grad():
+        d = layer._derive(path)
+        params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+        for key in keys:
+            t, name = d[key], _PREPARED_PREFIX + key
+            if t is not None and t.untyped_storage().data_ptr() in params:
+                t = t.clone()  # a view of a parameter (the bias column): a buffer of its own
+            buf = layer._buffers.get(name)
+            if (buf is not None and t is not None and buf.shape == t.shape and buf.dtype == t.dtype
+                    and buf.device == t.device):
+                buf.copy_(t)
+            else:
+                layer.register_buffer(name, t, persistent=False)
+    layer._prepared_r8, layer._prepared_k = d.get("r8"), d.get("k")
+    layer.__dict__["_prepared_key"] = _prepared_key(layer)
+
+
+def _prepared_forward(layer, x):
+    """Compacted inference on the buffers of :func:`prepare_for_inference`; eager calls refresh stale ones."""
+    if not torch.compiler.is_compiling() and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if layer.__dict__.get("_prepared_key") != _prepared_key(layer):
+            _refresh_prepared(layer)
+    path = layer._prepared_path
+    d = {key: getattr(layer, _PREPARED_PREFIX + key) for key in _PREPARED_KEYS[path]}
+    d["r8"], d["k"] = layer._prepared_r8, layer._prepared_k
+    layer.last_path = path
+    shape = x.shape
+    x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
+    y = _COMPACT_FORWARDS[path](x2, d, layer.nonzero_idx, layer.bias)
+    return y if x.dim() == 2 else y.view(*shape[:-1], layer.out_feature)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1370,6 +1483,8 @@ def _layer_path(m):
         return "low_rank"
     if not m.is_compacted:
         return "uncompacted"
+    if m._prepared_path is not None:  # prepare_for_inference: one form for every call
+        return m._prepared_path
     if m.compact_path is not None:
         return m.compact_path
     paths = sorted(m.__dict__.get("_paths", {}).items())

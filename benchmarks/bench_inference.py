@@ -50,7 +50,18 @@ def parse_args(argv=None):
     p.add_argument("--no-export", action="store_true", help="Skip export_compact size and reload checks.")
     p.add_argument("--prefer", default="speed", choices=utils.PREFER_CHOICES,
                    help="utils.prune(prefer=...): 'memory' never builds the merged dense weight.")
-    p.add_argument("--compile", action="store_true", help="torch.compile every variant (timed after warm-up).")
+    p.add_argument("--compile", action="store_true", help="torch.compile every variant (timed after warm-up); "
+                   "the same as --compile-modes default.")
+    p.add_argument("--compile-modes", type=C.csv(str), default=None,
+                   help="Time each variant under each of these, side by side: none (eager), default "
+                        "(torch.compile), reduce-overhead (torch.compile with CUDA graphs). Compiled compacted "
+                        "variants go through utils.prepare_for_inference first. Default: none (--compile: default).")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (inductor; 'eager' or 'aot_eager' trace only, for smoke tests: the "
+                        "mode then only names the variant).")
+    p.add_argument("--skip-original", action="store_true", help="Leave out the uncompacted LoSparse variant.")
+    p.add_argument("--llama-hidden", type=int, default=4096, help="Hidden size of the LLaMA-size stack.")
+    p.add_argument("--llama-ffn", type=int, default=11008, help="MLP size of the LLaMA-size stack.")
     args = C.setup(p.parse_args(argv), warmup=(2, 1), reps=(7, 3))
     cuda = args.device.type == "cuda"
     args.models = args.models or (["bert"] if args.quick else ["bert", "deberta", "bart"])
@@ -64,7 +75,14 @@ def parse_args(argv=None):
     args.stack_ratios = args.stack_ratios or args.ratios
     args.skip_llama = args.skip_llama or (args.quick and args.llama_tokens is None)
     args.llama_tokens = args.llama_tokens or (16384 if cuda else 512)
+    args.compile_modes = args.compile_modes or (["default"] if args.compile else ["none"])
+    for mode in args.compile_modes:
+        if mode not in COMPILE_MODES:
+            raise SystemExit(f"--compile-modes: unknown {mode!r}; allowed: {', '.join(COMPILE_MODES)}")
     return args
+
+
+COMPILE_MODES = ("none", "default", "reduce-overhead")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -130,10 +148,24 @@ def predicted_export_bytes(dense, original, keep_fraction):
     return 4 * params + 8 * idx
 
 
-def fresh(master, device, dtype, compile_=False):
-    """A copy of the fp32 master on ``device`` in ``dtype`` (the master is never converted in place)."""
+def fresh(master, device, dtype, mode="none", backend="inductor", tokens=None):
+    """A copy of the fp32 master on ``device`` in ``dtype`` (the master is never converted in place), compiled
+    unless ``mode`` is ``"none"``; a compiled compacted copy is prepared first (``utils.prepare_for_inference``
+    for ``tokens`` rows per call), so its graph reads derived tensors instead of building them per call."""
     m = copy.deepcopy(master).to(device=device, dtype=dtype).eval()
-    return torch.compile(m) if compile_ else m
+    if mode in (None, "none", False):
+        return m
+    if any(isinstance(l, utils.LinearLoSparse) and l.is_compacted for l in m.modules()):
+        utils.prepare_for_inference(m, tokens=tokens)
+    if backend != "inductor":
+        return torch.compile(m, backend=backend)
+    return torch.compile(m, mode=None if mode == "default" else mode)
+
+
+def compiled_variants(masters, args, dtype, tokens):
+    """``{key: model}``: every master under every ``--compile-modes`` entry (key ``name`` or ``name~mode``)."""
+    return {k if mode == "none" else f"{k}~{mode}": fresh(m, args.device, dtype, mode, args.compile_backend, tokens)
+            for mode in args.compile_modes for k, m in masters.items()}
 
 
 def isolated_peak_memory(masters, device, dtype, call):
@@ -158,16 +190,22 @@ def isolated_peak_memory(masters, device, dtype, call):
 
 
 def emit_compare(what, res, params, mem, paths, tokens, dense_flops=None, **fields):
+    """One line per variant; ``speedup_vs_dense`` is against dense treated the same way (eager or the same
+    compile mode), ``speedup_vs_dense_eager`` against eager dense."""
     for k, r in res.items():
-        variant, _, ratio = k.partition("@")
-        extra = {"peak_memory": mem[k]} if mem.get(k) else {}
+        base, _, mode = k.partition("~")
+        variant, _, ratio = base.partition("@")
+        same = lambda name: res.get(name + ("~" + mode if mode else ""))  # noqa: E731
+        extra = {"peak_memory": mem[base]} if mem.get(base) else {}
         if dense_flops:
             extra["dense_equivalent_tflops"] = round(dense_flops / r["ms"] / 1e9, 3)
         if k in paths:
             extra["paths"] = paths[k]
-        C.emit(what, variant=variant, ratio=float(ratio) if ratio else None, **fields, ms=r["ms"],
-               ms_min=r["ms_min"], tokens_per_s=round(1e3 * tokens / r["ms"], 1), params=params[k], speedup_vs_dense=round(res["dense"]["ms"] / r["ms"], 3),
-               speedup_vs_original=round(res["original"]["ms"] / r["ms"], 3) if "original" in res else None,
+        C.emit(what, variant=variant, ratio=float(ratio) if ratio else None, **fields, compiled=mode or False,
+               ms=r["ms"], ms_min=r["ms_min"], tokens_per_s=round(1e3 * tokens / r["ms"], 1), params=params[base],
+               speedup_vs_dense=round(same("dense")["ms"] / r["ms"], 3) if same("dense") else None,
+               speedup_vs_dense_eager=round(res["dense"]["ms"] / r["ms"], 3) if "dense" in res else None,
+               speedup_vs_original=round(same("original")["ms"] / r["ms"], 3) if same("original") else None,
                **extra)
 
 
@@ -200,7 +238,7 @@ def bench_models(args):
             small = C.model_inputs(name, 2, 16, vocab, args.device)
             for ratio, m in compact.items():
                 bench_export(args, name, ratio, dense, original, m, small)
-        masters = {"dense": dense, "original": original}
+        masters = {"dense": dense, **({} if args.skip_original else {"original": original})}
         masters.update({f"compact@{r:g}": m for r, m in compact.items()})
         params = {k: C.num_params(m) for k, m in masters.items()}
         for dt in args.dtypes:
@@ -209,13 +247,13 @@ def bench_models(args):
                 inputs = C.model_inputs(name, batch, args.seq_len, vocab, args.device)
                 call = lambda m: m(**inputs)  # noqa: E731
                 mem = isolated_peak_memory(masters, args.device, dtype, call)
-                variants = {k: fresh(m, args.device, dtype, args.compile) for k, m in masters.items()}
+                variants = compiled_variants(masters, args, dtype, batch * args.seq_len)
                 with torch.inference_mode():
                     fns = {k: (lambda m=m: call(m)) for k, m in variants.items()}
                     res = C.time_variants(fns, args.device, args.warmup, args.reps)
                 paths = {k: path_counts(m) for k, m in variants.items() if k.startswith("compact")}
                 emit_compare("inference", res, params, mem, paths, batch * args.seq_len, model=name,
-                             shape=[batch, args.seq_len], dtype=dt, device=str(args.device), compiled=args.compile)
+                             shape=[batch, args.seq_len], dtype=dt, device=str(args.device))
                 del variants
                 eager = {k: fresh(m, args.device, dtype) for k, m in masters.items() if k != "original"}
                 counts = {k: count_ops(m, call) for k, m in eager.items()}
@@ -282,6 +320,7 @@ def bench_stack(args, what, layers, hidden, ffn, gated, tokens, with_original):
                                             prefer=args.prefer)
     linears = [m for m in dense.modules() if isinstance(m, nn.Linear)]
     dense_flops = 2 * tokens * sum(m.in_features * m.out_features for m in linears)
+    with_original = with_original and not args.skip_original
     masters = {"dense": dense, **({"original": original} if with_original else {})}
     masters.update({f"compact@{r:g}": m for r, m in compact.items()})
     if not with_original:
@@ -292,13 +331,13 @@ def bench_stack(args, what, layers, hidden, ffn, gated, tokens, with_original):
         x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1)).to(args.device, dtype)
         call = lambda m: m(x)  # noqa: E731
         mem = isolated_peak_memory(masters, args.device, dtype, call)
-        variants = {k: fresh(m, args.device, dtype, args.compile) for k, m in masters.items()}
+        variants = compiled_variants(masters, args, dtype, tokens)
         with torch.inference_mode():
             fns = {k: (lambda m=m: call(m)) for k, m in variants.items()}
             res = C.time_variants(fns, args.device, args.warmup, args.reps)
         paths = {k: path_counts(m) for k, m in variants.items() if k.startswith("compact")}
         emit_compare(what, res, params, mem, paths, tokens, dense_flops, linears=len(linears), shape=[tokens, hidden],
-                     dtype=dt, device=str(args.device), compiled=args.compile)
+                     dtype=dt, device=str(args.device))
         del variants
 
 
@@ -310,7 +349,8 @@ def main(argv=None):
     if not args.skip_stack:
         bench_stack(args, "stack72", args.layers or 12, 768, 3072, False, args.stack_tokens, True)
     if not args.skip_llama:
-        bench_stack(args, "stack_llama", args.llama_blocks, 4096, 11008, True, args.llama_tokens, False)
+        bench_stack(args, "stack_llama", args.llama_blocks, args.llama_hidden, args.llama_ffn, True, args.llama_tokens,
+                    False)
 
 
 if __name__ == "__main__":

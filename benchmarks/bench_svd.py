@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--spectra", type=C.csv(str), default=None, help="gaussian,powerlaw (quick: powerlaw).")
     p.add_argument("--methods", type=C.csv(str), default=list(METHODS))
     p.add_argument("--llama", action="store_true", help="Also one 11008x4096 matrix at rank 256.")
+    p.add_argument("--hidden", type=int, default=768, help="Hidden size of the stack (smoke tests: smaller).")
+    p.add_argument("--ffn", type=int, default=3072, help="FFN size of the stack.")
     args = C.setup(p.parse_args(argv), warmup=(1, 0), reps=(3, 1))
     args.layers = args.layers or (2 if args.quick else 12)
     args.spectra = args.spectra or (["powerlaw"] if args.quick else ["gaussian", "powerlaw"])
@@ -57,14 +59,15 @@ def powerlaw_(weight, generator):
     weight.copy_(w * (weight.norm() / w.norm()))
 
 
-def make_stack(layers, spectrum, seed):
-    """``layers`` blocks of q, k, v, o (768x768), ffn1 (768->3072), ffn2 (3072->768) ``nn.Linear``s."""
+def make_stack(layers, spectrum, seed, hidden=768, ffn=3072):
+    """``layers`` blocks of q, k, v, o (768x768), ffn1 (768->3072), ffn2 (3072->768) ``nn.Linear``s (other
+    ``hidden`` / ``ffn`` sizes for smoke tests)."""
     torch.manual_seed(seed)
     stack = nn.ModuleList()
     for _ in range(layers):
         block = nn.Module()
         for name in NAMES:
-            d_in, d_out = {"ffn1": (768, 3072), "ffn2": (3072, 768)}.get(name, (768, 768))
+            d_in, d_out = {"ffn1": (hidden, ffn), "ffn2": (ffn, hidden)}.get(name, (hidden, hidden))
             setattr(block, name, nn.Linear(d_in, d_out))
         stack.append(block)
     if spectrum == "powerlaw":
@@ -107,7 +110,7 @@ def timed_substitutions(stack, method, args):
 
 def bench_stack(args):
     for spectrum in args.spectra:
-        stack = make_stack(args.layers, spectrum, args.seed)
+        stack = make_stack(args.layers, spectrum, args.seed, args.hidden, args.ffn)
         rep0 = utils.substitute_layer_weights(copy.deepcopy(stack), NAMES, [], parameter_ratio=C.LOW_RANK_RATIO,
                                               do_svd=False, log_level="IGNORE")
         ranks = {r["name"]: r["rank"] for r in rep0}
