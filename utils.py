@@ -2120,11 +2120,21 @@ def one_line_errors(prog):
     try:
         yield
     except (RunInputError, CheckpointFileError) as e:
+        _close_progress_bars()
         sys.stderr.write(f"{prog}: error: {e}\n")
         raise SystemExit(2) from None
     except KeyboardInterrupt:
+        _close_progress_bars()
         last = _LAST_CHECKPOINT.get("path")
         where = f"the last complete checkpoint is {last} (--resume_from_checkpoint latest continues from it)" \
             if last else "no checkpoint was completed in this run"
         sys.stderr.write(f"\n{prog}: interrupted; {where}\n")
         raise SystemExit(130) from None
+
+
+def _close_progress_bars():
+    """Close the open tqdm bars now, so that they do not print after the last line (when they are collected)."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
+    sys.stderr.flush()
