@@ -574,7 +574,7 @@ def main(argv=None):
     if args.eval_checkpoint is not None:
         try:
             utils.load_checkpoint(model, args.eval_checkpoint)
-        except (utils.CheckpointMismatchError, FileNotFoundError) as e:
+        except (utils.CheckpointMismatchError, utils.CheckpointFileError, FileNotFoundError) as e:
             raise SystemExit(f"run_clm.py: error: --eval_checkpoint {args.eval_checkpoint}: {e}")
 
     # Log a few random samples from the training set:

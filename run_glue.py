@@ -319,7 +319,7 @@ def _latest_checkpoint(output_dir):
 def _load_checkpoint_or_exit(model, path, flag):
     try:
         utils.load_checkpoint(model, path)
-    except (utils.CheckpointMismatchError, FileNotFoundError) as e:
+    except (utils.CheckpointMismatchError, utils.CheckpointFileError, FileNotFoundError) as e:
         raise SystemExit(f"run_glue.py: error: {flag} {path}: {e}")
 
 

@@ -1211,17 +1211,17 @@ def _read_state_dict(path_or_state_dict):
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     problem = _checkpoint_file_problem(path)  # a cheap look at the header and the end of the file first
-    if problem is None:
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-                return load_file(str(path))
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
-            if isinstance(e, FileNotFoundError):
-                raise
-            problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise CheckpointFileError(f"{path}: truncated or not a checkpoint ({path.stat().st_size} bytes; {problem})")
+    if problem is not None:
+        raise CheckpointFileError(f"{path}: truncated or not a checkpoint ({path.stat().st_size} bytes; {problem})")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # e.g. a damaged member of the zip
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointFileError(f"{path}: cannot be read as a checkpoint ({path.stat().st_size} bytes; "
+                                  f"{reason})") from None
 
 
 def _checkpoint_file_problem(path):

@@ -301,7 +301,8 @@ for run in plan["runs"]:
     GradientState._reset_state()
     print("=== run", flush=True)
     print("=== run", file=sys.stderr, flush=True)
-    argv = plan["args"] + ["--output_dir", run["out"]] + (["--resume_from_checkpoint", "latest"] if run["resume"] else [])
+    argv = plan["args"] + ["--output_dir", run["out"]]
+    argv += ["--resume_from_checkpoint", "latest"] if run["resume"] else []
     try:
         with utils.one_line_errors("run_glue.py"):
             run_glue.main(argv)
