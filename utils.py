@@ -10,8 +10,9 @@ One drop-in module, in reading order:
    and reporting      ``compression_report``
 6. argparse helper    ``add_losparse_args``, ``validate_losparse_args``, ``check_distributed_support``
 7. FSDP2              ``apply_fsdp2``, ``fsdp2_checkpointing``, ``fsdp2_full_model`` (models bigger than one GPU)
-8. safe runs          ``check_output_dir``, ``check_checkpoint_file``, ``check_data_file``, ``save_state_atomic``,
-   (the scripts)      ``latest_checkpoint``, ``checkpoint_problem``, ``one_line_errors``
+8. safe runs          ``check_run_paths`` (``check_output_dir``, ``check_checkpoint_file``, ``check_data_file``,
+   (the scripts)      ``check_resume_folder``), ``save_state_atomic``, ``latest_checkpoint``, ``checkpoint_problem``,
+                      ``one_line_errors``
 
 The three hooks of the original README::
 
