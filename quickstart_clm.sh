@@ -54,4 +54,4 @@ for r in $RATIOS; do
 done
 
 "$PY" scripts/quickstart_clm_report.py --gguf "$MODEL/$GGUF" --runs "${runs[@]}" --seconds "${seconds[@]}" \
-  --gen_tokens "$GEN_TOKENS"
+  --gen_tokens "$GEN_TOKENS" --threads "${QUICKSTART_CLM_THREADS:-2}"

@@ -385,11 +385,9 @@ class TrainState:
 
 
 def _latest_checkpoint(output_dir):
-    """The most recently written ``step_<n>`` / ``epoch_<i>`` folder in ``output_dir``, or None."""
-    if not os.path.isdir(output_dir):
-        return None
-    found = [d.path for d in os.scandir(output_dir) if d.is_dir() and CHECKPOINT_DIR.match(d.name)]
-    return max(found, key=os.path.getmtime) if found else None
+    """The most recently completed ``step_<n>`` / ``epoch_<i>`` folder in ``output_dir``, or None (incomplete ones,
+    from a run stopped while writing them, are skipped with a warning)."""
+    return utils.latest_checkpoint(output_dir, CHECKPOINT_DIR.pattern)
 
 
 def _drop_gguf_quantizer(model):
@@ -406,6 +404,8 @@ def _drop_gguf_quantizer(model):
 
 def main(argv=None):
     args = parse_args(argv)
+    # Paths and files first (seconds): a run that cannot read its data or write its results stops before training.
+    utils.check_run_paths(args)
     do_train = _trains(args)
 
     # Initialize the accelerator. We will let the accelerator handle device placement for us in this example.
@@ -528,7 +528,16 @@ def main(argv=None):
             lm_datasets[split] = lm_datasets[split].select(range(limit))
     for split in lm_datasets:
         if len(lm_datasets[split]) == 0:
-            raise SystemExit(f"run_clm.py: error: the {split} data has fewer tokens than one block of --block_size "
+            if split == "validation" and args.validation_file is not None:
+                source = f"--validation_file {args.validation_file}"
+            elif split == "train" and args.train_file is not None:
+                source = f"--train_file {args.train_file}"
+            elif args.train_file is not None:
+                source = (f"the validation part ({args.validation_split_percentage} %) of --train_file "
+                          f"{args.train_file}")
+            else:
+                source = f"the {split} data"
+            raise SystemExit(f"run_clm.py: error: {source} has fewer tokens than one block of --block_size "
                              f"{block_size}")
     train_dataset = lm_datasets.get("train") if do_train else None
     eval_dataset = lm_datasets["validation"]
@@ -565,7 +574,7 @@ def main(argv=None):
     if args.eval_checkpoint is not None:
         try:
             utils.load_checkpoint(model, args.eval_checkpoint)
-        except (utils.CheckpointMismatchError, FileNotFoundError) as e:
+        except (utils.CheckpointMismatchError, utils.CheckpointFileError, FileNotFoundError) as e:
             raise SystemExit(f"run_clm.py: error: --eval_checkpoint {args.eval_checkpoint}: {e}")
 
     # Log a few random samples from the training set:
@@ -712,7 +721,7 @@ def main(argv=None):
         def save_state(name):
             train_state.completed_steps = completed_steps
             output_dir = name if args.output_dir is None else os.path.join(args.output_dir, name)
-            accelerator.save_state(output_dir)
+            utils.save_state_atomic(accelerator, output_dir)
 
         def eval_and_log(epoch):
             nonlocal last_eval, last_eval_step
@@ -820,4 +829,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with utils.one_line_errors("run_clm.py"):
+        main()

@@ -311,22 +311,22 @@ class TrainState:
 
 
 def _latest_checkpoint(output_dir):
-    """The most recently written ``step_<n>`` / ``epoch_<i>`` folder in ``output_dir``, or None."""
-    if not os.path.isdir(output_dir):
-        return None
-    found = [d.path for d in os.scandir(output_dir) if d.is_dir() and CHECKPOINT_DIR.match(d.name)]
-    return max(found, key=os.path.getmtime) if found else None
+    """The most recently completed ``step_<n>`` / ``epoch_<i>`` folder in ``output_dir``, or None (incomplete ones,
+    from a run stopped while writing them, are skipped with a warning)."""
+    return utils.latest_checkpoint(output_dir, CHECKPOINT_DIR.pattern)
 
 
 def _load_checkpoint_or_exit(model, path, flag):
     try:
         utils.load_checkpoint(model, path)
-    except (utils.CheckpointMismatchError, FileNotFoundError) as e:
+    except (utils.CheckpointMismatchError, utils.CheckpointFileError, FileNotFoundError) as e:
         raise SystemExit(f"run_glue.py: error: {flag} {path}: {e}")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    # Paths and files first (seconds): a run that cannot read its data or write its results stops before training.
+    utils.check_run_paths(args)
     distill = args.teacher_path is not None
     train_stored = args.stored_model_path is not None  # a pruned model, trained without the Pruner
     do_train = _trains(args)
@@ -682,7 +682,7 @@ def main(argv=None):
         def save_state(name):
             train_state.completed_steps = completed_steps
             output_dir = name if args.output_dir is None else os.path.join(args.output_dir, name)
-            accelerator.save_state(output_dir)
+            utils.save_state_atomic(accelerator, output_dir)  # step_N.incomplete, renamed to step_N when complete
 
         def eval_and_log(epoch):
             nonlocal last_eval, last_eval_step, kd_window
@@ -820,4 +820,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with utils.one_line_errors("run_glue.py"):
+        main()

@@ -233,10 +233,9 @@ def _check_args(parser, args):
 
 
 def _latest_checkpoint(output_dir):
-    """The most recently written ``step_N`` / ``epoch_N`` folder in ``output_dir``, or None."""
-    found = [f.path for f in os.scandir(output_dir) if f.is_dir() and CHECKPOINT_DIR.match(f.name)] \
-        if os.path.isdir(output_dir) else []
-    return max(found, key=os.path.getmtime) if found else None
+    """The most recently completed ``step_<n>`` / ``epoch_<i>`` folder in ``output_dir``, or None (incomplete ones,
+    from a run stopped while writing them, are skipped with a warning)."""
+    return utils.latest_checkpoint(output_dir, CHECKPOINT_DIR.pattern)
 
 
 def _load_raw_datasets(args):
@@ -254,6 +253,8 @@ def _load_raw_datasets(args):
         if path is None:
             continue
         records, has_answers = load_squad_file(path)
+        if not records:
+            raise utils.RunInputError(f"--{split}_file {path}: no examples (no question in the file)")
         ds = datasets.Dataset.from_list(records, features=features)
         splits[split] = ds if has_answers else ds.remove_columns("answers")
     return datasets.DatasetDict(splits)
@@ -299,6 +300,8 @@ def save_prefixed_metrics(results, output_dir, file_name="all_results.json"):
 
 def main():
     args = parse_args()
+    # Paths and files first (seconds): a run that cannot read its data or write its results stops before training.
+    utils.check_run_paths(args)
 
     # Initialize the accelerator. We will let the accelerator handle device placement for us in this example.
     # If we're using tracking, we also need to initialize it here and it will by default pick up all supported
@@ -623,7 +626,7 @@ def main():
                     output_dir = f"step_{completed_steps}"
                     if args.output_dir is not None:
                         output_dir = os.path.join(args.output_dir, output_dir)
-                    accelerator.save_state(output_dir)
+                    utils.save_state_atomic(accelerator, output_dir)
 
                 if args.eval_steps and completed_steps % args.eval_steps == 0 and \
                         completed_steps < args.max_train_steps:
@@ -646,7 +649,7 @@ def main():
                 output_dir = f"epoch_{epoch}"
                 if args.output_dir is not None:
                     output_dir = os.path.join(args.output_dir, output_dir)
-                accelerator.save_state(output_dir)
+                utils.save_state_atomic(accelerator, output_dir)
             if completed_steps >= args.max_train_steps:
                 break
         train_runtime = time.perf_counter() - start_time - eval_time  # without the evaluations in between
@@ -703,4 +706,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with utils.one_line_errors("run_qa.py"):
+        main()

@@ -452,11 +452,9 @@ def _fmt(scores):
 
 
 def _latest_checkpoint(output_dir):
-    """The most recently written ``step_<n>`` / ``epoch_<i>`` folder in ``output_dir``, or None."""
-    if not os.path.isdir(output_dir):
-        return None
-    found = [f.path for f in os.scandir(output_dir) if f.is_dir() and CHECKPOINT_DIR.match(f.name)]
-    return max(found, key=os.path.getmtime) if found else None
+    """The most recently completed ``step_<n>`` / ``epoch_<i>`` folder in ``output_dir``, or None (incomplete ones,
+    from a run stopped while writing them, are skipped with a warning)."""
+    return utils.latest_checkpoint(output_dir, CHECKPOINT_DIR.pattern)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -464,6 +462,8 @@ def _latest_checkpoint(output_dir):
 # ----------------------------------------------------------------------------------------------------
 def main():
     args = parse_args()
+    # Paths and files first (seconds): a run that cannot read its data or write its results stops before training.
+    utils.check_run_paths(args)
 
     # Initialize the accelerator. It handles device placement, mixed precision (`accelerate launch
     # --mixed_precision bf16`), distributed training and the trackers.
@@ -787,7 +787,7 @@ def main():
                     output_dir = f"step_{completed_steps}"
                     if args.output_dir is not None:
                         output_dir = os.path.join(args.output_dir, output_dir)
-                    accelerator.save_state(output_dir)
+                    utils.save_state_atomic(accelerator, output_dir)
 
             if completed_steps >= args.max_train_steps:
                 break
@@ -812,7 +812,7 @@ def main():
             output_dir = f"epoch_{epoch}"
             if args.output_dir is not None:
                 output_dir = os.path.join(args.output_dir, output_dir)
-            accelerator.save_state(output_dir)
+            utils.save_state_atomic(accelerator, output_dir)
     train_runtime = time.perf_counter() - train_start - eval_time
 
     if result is None:  # no training epoch ran (e.g. --eval_checkpoint with --num_train_epochs 0)
@@ -858,4 +858,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with utils.one_line_errors("run_summarization.py"):
+        main()

@@ -505,10 +505,12 @@ def test_latest_checkpoint(tmp_path):
     import os
     import time
 
-    for i, name in enumerate(["step_4", "epoch_0", "step_12", "notes", "step_x"]):
+    for i, name in enumerate(["step_4", "epoch_0", "step_12", "notes", "step_x", "step_16"]):
         (tmp_path / name).mkdir()
-        os.utime(tmp_path / name, (time.time() + i, time.time() + i))
-    assert run_glue._latest_checkpoint(str(tmp_path)).endswith("step_12")
+        if name != "step_16":  # complete folders carry the marker save_state_atomic writes last
+            (tmp_path / name / utils.CHECKPOINT_MARKER).write_text('{"files": {}}')
+            os.utime(tmp_path / name / utils.CHECKPOINT_MARKER, (time.time() + i, time.time() + i))
+    assert run_glue._latest_checkpoint(str(tmp_path)).endswith("step_12")  # step_16 is incomplete
     assert run_glue._latest_checkpoint(str(tmp_path / "notes")) is None  # nothing yet: start from scratch
     assert run_glue._latest_checkpoint(str(tmp_path / "missing")) is None
 
