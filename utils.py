@@ -1544,7 +1544,7 @@ def _write_remote_code_files(target, out, layers, tied, losparse_args):
               "effective_ratio": rep.effective_ratio, "parameters": rep.model_params,
               "parameters_dense": rep.model_params_dense_equivalent}
     base = target.config.to_dict()
-    source = getattr(target.config, "name_or_path", None) or base.get("_name_or_path") or "unknown"
+    source = getattr(target.config, "name_or_path", None) or base.get("_name_or_path") or "(not recorded)"
     config = {"model_type": "losparse", "architectures": [autos[a].split(".")[1] for a in autos][:1],
               "auto_map": {"AutoConfig": "modeling_losparse.LoSparseConfig", **autos}, "base_architecture": arch,
               "base_config": base, "losparse_layers": layers, "losparse_tied": tied,
@@ -1562,7 +1562,7 @@ def _write_remote_code_files(target, out, layers, tied, losparse_args):
     size = (out / COMPACT_WEIGHTS).stat().st_size
     card = [
         "---", "library_name: transformers", "tags:", "- losparse", "- compression", "- low-rank",
-        "- structured-pruning", *([f"base_model: {source}"] if source != "unknown" and not Path(source).exists()
+        "- structured-pruning", *([f"base_model: {source}"] if source != "(not recorded)" and not Path(source).exists()
                                   else []), "---", "",
         f"# LoSparse compact model of {source}", "",
         "Each compressed linear layer `W` of the source model is stored as a low-rank product `L @ R` plus the rows "

@@ -149,7 +149,7 @@ def _losparse_class(entry, base_cls):
     return _SUBCLASSES[key]
 
 
-def _build(entry, config, dtype=None):
+def _build(entry, config, dtype=None, **build_kwargs):
     """The source architecture with a :class:`LoSparseCompactLinear` at each compressed layer (weights not set)."""
     if not isinstance(config, LoSparseConfig):
         raise ValueError(f"expected a LoSparseConfig, got {type(config).__name__}")
@@ -160,7 +160,7 @@ def _build(entry, config, dtype=None):
                          f"{transformers.__version__} (written with {config.base_config.get('transformers_version')})")
     from transformers.initialization import no_init_weights
     with no_init_weights():  # every tensor is overwritten by the file; untouched dense weights are never paged in
-        model = _losparse_class(entry, base_cls)._from_config(base_config, dtype=dtype)
+        model = _losparse_class(entry, base_cls)._from_config(base_config, dtype=dtype, **build_kwargs)
     for name, e in config.losparse_layers.items():
         if e.get("form") == "dense":
             continue  # stored as the layer's own weight
@@ -260,7 +260,8 @@ class LoSparsePreTrainedModel(PreTrainedModel):
 
     @classmethod
     def _from_config(cls, config, **kwargs):
-        return _build(cls, config, dtype=kwargs.get("dtype", kwargs.get("torch_dtype")))
+        return _build(cls, config, dtype=kwargs.get("dtype", kwargs.get("torch_dtype")),
+                      **{k: kwargs[k] for k in ("attn_implementation",) if k in kwargs})
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
@@ -279,7 +280,7 @@ class LoSparsePreTrainedModel(PreTrainedModel):
             dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), torch.float32)
         elif isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        model = _build(cls, config, dtype=dtype)
+        model = _build(cls, config, dtype=dtype, **{k: kwargs[k] for k in ("attn_implementation",) if k in kwargs})
         _check_and_fill(model, sd, config, weights_file)
         model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
         if config.losparse_tied and hasattr(model, "tie_weights"):
