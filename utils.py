@@ -1568,8 +1568,10 @@ def _write_remote_code_files(target, out, layers, tied, losparse_args):
         "Each compressed linear layer `W` of the source model is stored as a low-rank product `L @ R` plus the rows "
         "of a sparse matrix `S` that survived structured pruning (LoSparse, ICML 2023). Load it with torch and "
         "transformers only:", "",
-        "```python", f"from transformers import {auto}",
-        f'model = {auto}.from_pretrained("{out.name}", trust_remote_code=True)', "```", "",
+        "```python", f"from transformers import {auto}, AutoTokenizer",
+        f'model = {auto}.from_pretrained("{out.name}", trust_remote_code=True)',
+        f'tokenizer = AutoTokenizer.from_pretrained("{out.name}", trust_remote_code=True)  # reads config.json too',
+        "```", "",
         "Without `trust_remote_code=True` transformers refuses the folder (its `config.json` has `model_type` "
         "`losparse`): the compressed layers need `modeling_losparse.py`.", "",
         "| | |", "|---|---|",

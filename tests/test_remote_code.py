@@ -155,6 +155,7 @@ CHILD = textwrap.dedent('''
         if family == "bert":
             p = transformers.pipeline("text-classification", model=folder, trust_remote_code=True)
             r["pipeline"] = p("the movie was good")[0]
+        r["tok"] = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)("the cat sat")["input_ids"]
         m.save_pretrained(root / (family + "-resaved"))
         m2 = getattr(transformers, auto).from_pretrained(str(root / (family + "-resaved")), trust_remote_code=True)
         r["resaved_equal"] = torch.equal(fwd(m2, family), ref["logits"])
@@ -210,6 +211,7 @@ def test_loads_without_the_repository_and_matches_the_compacted_model(exported, 
     if family in ("llama", "qwen2", "bert"):
         assert r["pipeline"] == ref["pipeline"]
     assert r["resaved_equal"]
+    assert r["tok"] == make_tokenizer()("the cat sat")["input_ids"]
     assert {"config.json", "losparse_model.safetensors", "modeling_losparse.py"} <= set(r["resaved_files"])
     if family != "bert":
         assert "generation_config.json" in r["resaved_files"]
