@@ -279,7 +279,7 @@ def trained(assets):
 def test_losparse_run_ratio_files_and_perplexity_lines(trained):
     out, proc = trained
     for f in ("config.json", "model.safetensors", "tokenizer_config.json", "pytorch_model.bin", "all_results.json",
-              "compact/model.safetensors", "compact/losparse_config.json"):
+              "compact/losparse_model.safetensors", "compact/losparse_config.json"):
         assert (out / f).is_file(), f
     res = _results(out)
     assert res["train_steps"] == STEPS and math.isfinite(res["perplexity"]) and res["perplexity"] > 1
