@@ -1,6 +1,6 @@
 """utils.export_compact folders load with plain transformers (``trust_remote_code=True``), without this repository.
 
-In process: tiny LLaMA, Qwen2 (q/k/v biases, tied embeddings), BERT classifier and BART are compressed, compacted
+In process: tiny LLaMA, Qwen2 (q/k/v biases, tied embeddings), BERT classifier, BERT QA and BART are compressed, compacted
 and exported; their reference outputs (logits, greedy and sampled generation, pipeline results) are computed with
 the compacted layers on the "fused" form, the arithmetic of modeling_losparse.py. One subprocess (``python -I``,
 cwd outside the repository, no PYTHONPATH) then loads every folder with ``AutoModelFor...from_pretrained(...,
@@ -29,7 +29,8 @@ ALLOW = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 BLOCK = ["lm_head", "pooler", "classifier", "embeddings", "LayerNorm", "shared"]
 IDS = [[5, 9, 20, 33, 40, 41, 7, 60, 61]]
 AUTO = {"llama": "AutoModelForCausalLM", "qwen2": "AutoModelForCausalLM",
-        "bert": "AutoModelForSequenceClassification", "bart": "AutoModelForSeq2SeqLM"}
+        "bert": "AutoModelForSequenceClassification", "bert_qa": "AutoModelForQuestionAnswering",
+        "bart": "AutoModelForSeq2SeqLM"}
 BROKEN = ("no_config", "no_weights", "config_rank", "weight_shape", "bad_index", "dup_index")
 
 
@@ -45,6 +46,8 @@ def _model(family):
         return T.Qwen2ForCausalLM(T.Qwen2Config(**common, tie_word_embeddings=True))
     if family == "bert":
         return T.BertForSequenceClassification(tiny_config("bert"))
+    if family == "bert_qa":
+        return T.BertForQuestionAnswering(tiny_config("bert"))
     return T.BartForConditionalGeneration(tiny_config("bart"))
 
 
@@ -72,6 +75,9 @@ def _forward(model, family):
     with torch.no_grad():
         if family == "bart":
             return model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+        if family == "bert_qa":
+            out = model(input_ids=ids)
+            return torch.stack([out.start_logits, out.end_logits])
         return model(input_ids=ids).logits
 
 
@@ -84,7 +90,7 @@ def _reference(model, family, folder, tok):
     _set_path(model, "fused")
     ref["logits"] = _forward(model, family)
     ids = torch.tensor(IDS)
-    if family != "bert":
+    if family in ("llama", "qwen2", "bart"):
         ref["greedy"] = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)
         torch.manual_seed(7)
         ref["sampled"] = model.generate(ids, max_new_tokens=8, do_sample=True, top_k=0, use_cache=True)
@@ -132,6 +138,9 @@ CHILD = textwrap.dedent('''
         with torch.no_grad():
             if family == "bart":
                 return m(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+            if family == "bert_qa":
+                out = m(input_ids=ids)
+                return torch.stack([out.start_logits, out.end_logits])
             return m(input_ids=ids).logits
     for family, auto in refs["auto"].items():
         ref, r = refs[family], {}
@@ -206,14 +215,14 @@ def test_loads_without_the_repository_and_matches_the_compacted_model(exported, 
     assert r["training"] is False
     assert r["logits_equal"]  # the "fused" arithmetic, bit for bit
     assert r["logits_default_maxdiff"] < 1e-5  # the in-memory model's own choice of form (merged, onehot, ...)
-    if family != "bert":
+    if family in ("llama", "qwen2", "bart"):
         assert r["greedy_equal"] and r["sampled_equal"]  # with the KV cache
     if family in ("llama", "qwen2", "bert"):
         assert r["pipeline"] == ref["pipeline"]
     assert r["resaved_equal"]
     assert r["tok"] == make_tokenizer()("the cat sat")["input_ids"]
     assert {"config.json", "losparse_model.safetensors", "modeling_losparse.py"} <= set(r["resaved_files"])
-    if family != "bert":
+    if family in ("llama", "qwen2", "bart"):
         assert "generation_config.json" in r["resaved_files"]
 
 
@@ -227,7 +236,7 @@ def test_folder_contents_and_load_compact(exported, family):
     assert cfg["base_architecture"] == type(exported["models"][family]).__name__
     assert (folder / "modeling_losparse.py").read_bytes() == (REPO / "remote_code" / "modeling_losparse.py").read_bytes()
     assert (folder / "tokenizer_config.json").is_file()
-    assert (folder / "generation_config.json").is_file() == (family != "bert")
+    assert (folder / "generation_config.json").is_file() == (family in ("llama", "qwen2", "bart"))
     rep = utils.compression_report(exported["models"][family])
     card = (folder / "README.md").read_text()
     size = (folder / "losparse_model.safetensors").stat().st_size
