@@ -244,6 +244,9 @@ class _LoSparseSaving:
                                 architectures=list(old.architectures or []))
         config.save_pretrained(str(out))
         shutil.copyfile(__file__, out / Path(__file__).name)
+        card = getattr(self, "losparse_model_card", None)  # the loaded folder's README.md (push_to_hub shows it)
+        if card and not (out / "README.md").exists():
+            (out / "README.md").write_text(card)
         if getattr(self, "generation_config", None) is not None and self.can_generate():
             self.generation_config.save_pretrained(str(out))
 
@@ -293,6 +296,8 @@ class LoSparsePreTrainedModel(PreTrainedModel):
             model.to(device)
         elif device is not None:
             logger.warning("LoSparse: device_map=%r is not supported; the model stays on the CPU (use .to())", device)
+        card_file = _file(name, "README.md", hub, required=False)
+        model.losparse_model_card = Path(card_file).read_text() if card_file else None
         model.name_or_path = name
         return model.eval()
 

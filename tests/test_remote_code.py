@@ -221,7 +221,7 @@ def test_loads_without_the_repository_and_matches_the_compacted_model(exported, 
         assert r["pipeline"] == ref["pipeline"]
     assert r["resaved_equal"]
     assert r["tok"] == make_tokenizer()("the cat sat")["input_ids"]
-    assert {"config.json", "losparse_model.safetensors", "modeling_losparse.py"} <= set(r["resaved_files"])
+    assert {"config.json", "losparse_model.safetensors", "modeling_losparse.py", "README.md"} <= set(r["resaved_files"])
     if family in ("llama", "qwen2", "bart"):
         assert "generation_config.json" in r["resaved_files"]
 
