@@ -1422,8 +1422,9 @@ def compression_report(model, export_dir=None):
     return CompressionReport(layers, compact, dense, in_memory, files)
 
 
-# Not "model.safetensors": a transformers class loading the folder without its remote code (LlamaForCausalLM.from_pretrained)
-# finds no weights file and stops, instead of initialising the compressed projections at random.
+# Not "model.safetensors": a transformers class loading the folder without its remote code
+# (LlamaForCausalLM.from_pretrained) finds no weights file and stops, instead of initialising the compressed
+# projections at random.
 COMPACT_WEIGHTS = "losparse_model.safetensors"
 _LEGACY_COMPACT_WEIGHTS = "model.safetensors"  # folders written before the remote-code export
 COMPACT_CONFIG = "losparse_config.json"

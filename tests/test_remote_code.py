@@ -1,8 +1,8 @@
 """utils.export_compact folders load with plain transformers (``trust_remote_code=True``), without this repository.
 
-In process: tiny LLaMA, Qwen2 (q/k/v biases, tied embeddings), BERT classifier, BERT QA and BART are compressed, compacted
-and exported; their reference outputs (logits, greedy and sampled generation, pipeline results) are computed with
-the compacted layers on the "fused" form, the arithmetic of modeling_losparse.py. One subprocess (``python -I``,
+In process: tiny LLaMA, Qwen2 (q/k/v biases, tied embeddings), BERT classifier, BERT QA and BART are compressed,
+compacted and exported; their reference outputs (logits, greedy and sampled generation, pipeline results) are
+computed with the compacted layers on the "fused" form, the arithmetic of modeling_losparse.py. One subprocess (``python -I``,
 cwd outside the repository, no PYTHONPATH) then loads every folder with ``AutoModelFor...from_pretrained(...,
 trust_remote_code=True)`` and compares: logits with torch.equal, generated tokens one for one, pipeline outputs,
 save_pretrained + reload; it also loads broken folders and plain from_pretrained without trust_remote_code, and
@@ -164,7 +164,8 @@ CHILD = textwrap.dedent('''
         if family == "bert":
             p = transformers.pipeline("text-classification", model=folder, trust_remote_code=True)
             r["pipeline"] = p("the movie was good")[0]
-        r["tok"] = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)("the cat sat")["input_ids"]
+        tok = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        r["tok"] = tok("the cat sat")["input_ids"]
         m.save_pretrained(root / (family + "-resaved"))
         m2 = getattr(transformers, auto).from_pretrained(str(root / (family + "-resaved")), trust_remote_code=True)
         r["resaved_equal"] = torch.equal(fwd(m2, family), ref["logits"])
@@ -234,7 +235,8 @@ def test_folder_contents_and_load_compact(exported, family):
     assert cfg["auto_map"]["AutoConfig"] == "modeling_losparse.LoSparseConfig"
     assert cfg["auto_map"][AUTO[family]].startswith("modeling_losparse.LoSparseFor")
     assert cfg["base_architecture"] == type(exported["models"][family]).__name__
-    assert (folder / "modeling_losparse.py").read_bytes() == (REPO / "remote_code" / "modeling_losparse.py").read_bytes()
+    assert (folder / "modeling_losparse.py").read_bytes() == utils.REMOTE_CODE_FILE.read_bytes()
+    assert utils.REMOTE_CODE_FILE == REPO / "remote_code" / "modeling_losparse.py"
     assert (folder / "tokenizer_config.json").is_file()
     assert (folder / "generation_config.json").is_file() == (family in ("llama", "qwen2", "bart"))
     rep = utils.compression_report(exported["models"][family])
@@ -263,7 +265,8 @@ def test_refuses_plain_loading_and_broken_folders(exported):
     assert "losparse_model.safetensors does not match config.json" in errors["weight_shape"]
     assert "q_proj.left.weight: file (32, 1) vs config.json (32, 2)" in errors["weight_shape"]
     for how in ("bad_index", "dup_index"):
-        assert "losparse_model.safetensors: model.layers.0.self_attn.q_proj.nonzero_idx must hold 11 distinct" in errors[how]
+        assert ("losparse_model.safetensors: model.layers.0.self_attn.q_proj.nonzero_idx must hold 11 distinct"
+                in errors[how])
     # the source class alone finds no weights it could load (rather than initialising the projections at random)
     with pytest.raises(OSError, match="model.safetensors"):
         LlamaForCausalLM.from_pretrained(exported["root"] / "llama")
@@ -274,7 +277,8 @@ def test_refuses_plain_loading_and_broken_folders(exported):
     with pytest.raises(utils.CheckpointMismatchError, match=r"losparse_model\.safetensors does not match"):
         utils.load_compact(root / "broken-weight_shape")
     for how in ("bad_index", "dup_index"):
-        with pytest.raises(utils.CheckpointMismatchError, match=r"losparse_model\.safetensors: .*q_proj\.nonzero_idx must"):
+        with pytest.raises(utils.CheckpointMismatchError,
+                           match=r"losparse_model\.safetensors: .*q_proj\.nonzero_idx must"):
             utils.load_compact(root / f"broken-{how}")
     with pytest.raises(FileNotFoundError, match="config.json"):
         utils.load_compact(root / "broken-no_config")
