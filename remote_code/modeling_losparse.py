@@ -73,7 +73,7 @@ class LoSparseCompactLinear(nn.Module):
         self.left = nn.Linear(rank, out_features, bias=False, **kw)
         if kept_rows:
             self.sparse_weight_pruned = nn.Parameter(torch.empty(kept_rows, in_features, **kw))
-            self.register_buffer("nonzero_idx", torch.zeros(kept_rows, dtype=torch.long, device=device))
+            self.register_buffer("nonzero_idx", torch.arange(kept_rows, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if has_bias else None
         self._cache = None
 
@@ -149,8 +149,9 @@ def _losparse_class(entry, base_cls):
     return _SUBCLASSES[key]
 
 
-def _build(entry, config, dtype=None, **build_kwargs):
-    """The source architecture with a :class:`LoSparseCompactLinear` at each compressed layer (weights not set)."""
+def _build(entry, config, dtype=None, empty=False, **build_kwargs):
+    """The source architecture with a :class:`LoSparseCompactLinear` at each compressed layer; ``empty``: weights left
+    uninitialised (they are loaded next), else the source model's random initialisation (compact layers: zero)."""
     if not isinstance(config, LoSparseConfig):
         raise ValueError(f"expected a LoSparseConfig, got {type(config).__name__}")
     base_config = config.to_base_config()
@@ -158,8 +159,9 @@ def _build(entry, config, dtype=None, **build_kwargs):
     if base_cls is None:
         raise ValueError(f"{CONFIG_NAME}: base_architecture {config.base_architecture!r} is not in transformers "
                          f"{transformers.__version__} (written with {config.base_config.get('transformers_version')})")
+    from contextlib import nullcontext
     from transformers.initialization import no_init_weights
-    with no_init_weights():  # every tensor is overwritten by the file; untouched dense weights are never paged in
+    with no_init_weights() if empty else nullcontext():  # empty: dense weights that are replaced are never paged in
         model = _losparse_class(entry, base_cls)._from_config(base_config, dtype=dtype, **build_kwargs)
     for name, e in config.losparse_layers.items():
         if e.get("form") == "dense":
@@ -175,6 +177,10 @@ def _build(entry, config, dtype=None, **build_kwargs):
         new = LoSparseCompactLinear(int(e["in_features"]), int(e["out_features"]), int(e["rank"]),
                                     int(e["kept_rows"]) if e["form"] == "losparse" else 0, bool(e["has_bias"]),
                                     device=like.device, dtype=like.dtype)
+        if not empty:
+            with torch.no_grad():
+                for t in new.parameters():
+                    t.zero_()
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
     model.losparse_config = config
@@ -283,7 +289,8 @@ class LoSparsePreTrainedModel(PreTrainedModel):
             dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), torch.float32)
         elif isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        model = _build(cls, config, dtype=dtype, **{k: kwargs[k] for k in ("attn_implementation",) if k in kwargs})
+        model = _build(cls, config, dtype=dtype, empty=True,
+                       **{k: kwargs[k] for k in ("attn_implementation",) if k in kwargs})
         _check_and_fill(model, sd, config, weights_file)
         model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
         if config.losparse_tied and hasattr(model, "tie_weights"):

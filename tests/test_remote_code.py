@@ -2,11 +2,11 @@
 
 In process: tiny LLaMA, Qwen2 (q/k/v biases, tied embeddings), BERT classifier, BERT QA and BART are compressed,
 compacted and exported; their reference outputs (logits, greedy and sampled generation, pipeline results) are
-computed with the compacted layers on the "fused" form, the arithmetic of modeling_losparse.py. One subprocess (``python -I``,
-cwd outside the repository, no PYTHONPATH) then loads every folder with ``AutoModelFor...from_pretrained(...,
-trust_remote_code=True)`` and compares: logits with torch.equal, generated tokens one for one, pipeline outputs,
-save_pretrained + reload; it also loads broken folders and plain from_pretrained without trust_remote_code, and
-records the error messages.
+computed with the compacted layers on the "fused" form, the arithmetic of modeling_losparse.py. One subprocess
+(``python -I``, cwd outside the repository, no PYTHONPATH) then loads every folder with
+``AutoModelFor...from_pretrained(..., trust_remote_code=True)`` and compares: logits with torch.equal, generated
+tokens one for one, pipeline outputs, save_pretrained + reload, from_config; it also loads broken folders and
+plain from_pretrained without trust_remote_code, and records the error messages.
 """
 import json
 import os
@@ -170,6 +170,14 @@ CHILD = textwrap.dedent('''
         m2 = getattr(transformers, auto).from_pretrained(str(root / (family + "-resaved")), trust_remote_code=True)
         r["resaved_equal"] = torch.equal(fwd(m2, family), ref["logits"])
         r["resaved_files"] = sorted(p.name for p in (root / (family + "-resaved")).iterdir())
+        if family == "llama":  # from_config: the same shapes, the source model's random init, finite
+            cfg = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=True)
+            m0 = getattr(transformers, auto).from_config(cfg, trust_remote_code=True)
+            shapes = lambda mod: {k: tuple(v.shape) for k, v in mod.state_dict().items()}
+            r["from_config_shapes"] = shapes(m0) == shapes(m)
+            r["from_config_finite"] = all(bool(torch.isfinite(v).all()) for v in m0.state_dict().values()
+                                          if v.is_floating_point())
+            r["from_config_class"] = type(m0).__name__
         res[family] = r
     errors = {}
     for how in refs["broken"] + ["plain"]:
@@ -222,6 +230,8 @@ def test_loads_without_the_repository_and_matches_the_compacted_model(exported, 
         assert r["pipeline"] == ref["pipeline"]
     assert r["resaved_equal"]
     assert r["tok"] == make_tokenizer()("the cat sat")["input_ids"]
+    if family == "llama":
+        assert r["from_config_shapes"] and r["from_config_finite"] and r["from_config_class"] == r["class"]
     assert {"config.json", "losparse_model.safetensors", "modeling_losparse.py", "README.md"} <= set(r["resaved_files"])
     if family in ("llama", "qwen2", "bart"):
         assert "generation_config.json" in r["resaved_files"]
