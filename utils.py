@@ -1589,19 +1589,41 @@ def compression_report(model, export_dir=None):
     return CompressionReport(layers, compact, dense, in_memory, files)
 
 
-COMPACT_WEIGHTS = "model.safetensors"
+# Not "model.safetensors": a transformers class loading the folder without its remote code
+# (LlamaForCausalLM.from_pretrained) finds no weights file and stops, instead of initialising the compressed
+# projections at random.
+COMPACT_WEIGHTS = "losparse_model.safetensors"
+_LEGACY_COMPACT_WEIGHTS = "model.safetensors"  # folders written before the remote-code export
 COMPACT_CONFIG = "losparse_config.json"
+# The transformers remote code an export ships (``trust_remote_code=True``); it lives next to this module.
+REMOTE_CODE_FILE = Path(__file__).resolve().parent / "remote_code" / "modeling_losparse.py"
+# auto_map entries: (transformers mapping of class names, Auto class, entry class of modeling_losparse.py)
+_AUTO_ENTRIES = (("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM", "LoSparseForCausalLM"),
+                 ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "AutoModelForSequenceClassification",
+                  "LoSparseForSequenceClassification"),
+                 ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "AutoModelForQuestionAnswering",
+                  "LoSparseForQuestionAnswering"),
+                 ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "AutoModelForSeq2SeqLM", "LoSparseForSeq2SeqLM"),
+                 ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "AutoModelForTokenClassification",
+                  "LoSparseForTokenClassification"),
+                 ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "AutoModelForMaskedLM", "LoSparseForMaskedLM"),
+                 ("MODEL_MAPPING_NAMES", "AutoModel", "LoSparseModel"))
 
 
 @torch.no_grad()
 def export_compact(model, output_dir, tokenizer=None, losparse_args=None):
-    """Write a directory that :func:`load_compact` rebuilds without the dense model, SVD or network.
+    """Write a directory that :func:`load_compact` rebuilds without the dense model, SVD or network, and that
+    plain transformers loads with ``AutoModelFor...from_pretrained(output_dir, trust_remote_code=True)``.
 
-    Holds the model config (``config.json``), the tokenizer if given, ``model.safetensors`` with only L, R,
-    the kept rows of S (``sparse_weight_pruned`` + ``nonzero_idx``), biases and the untouched weights, and
-    ``losparse_config.json`` (per-layer form, rank, kept rows; the LoSparse flags). A layer whose compact form
-    has at least as many parameters as the dense matrix is stored merged as a plain ``weight``; a layer
-    whose S lost every row keeps only L and R. The model itself is not modified.
+    Holds ``model.safetensors`` with only L, R, the kept rows of S (``sparse_weight_pruned`` +
+    ``nonzero_idx``), biases and the untouched weights; ``losparse_config.json`` (per-layer form, rank, kept
+    rows; the LoSparse flags); the tokenizer if given. For a transformers model also: ``config.json`` of
+    ``model_type`` ``"losparse"`` (the model's own config under ``base_config``, an ``auto_map`` to
+    ``modeling_losparse.py``, copied from ``remote_code/``), so transformers refuses the folder without
+    ``trust_remote_code`` instead of returning a randomly initialised model; ``generation_config.json`` for
+    models that generate; and a model card ``README.md``. A layer whose compact form has at least as many
+    parameters as the dense matrix is stored merged as a plain ``weight``; a layer whose S lost every row keeps
+    only L and R. The model itself is not modified.
     """
     from safetensors.torch import save_file
 
@@ -1651,15 +1673,88 @@ def export_compact(model, output_dir, tokenizer=None, losparse_args=None):
             by_ptr[key] = k
         flat[k] = v.detach().contiguous().cpu().clone()
     save_file(flat, str(out / COMPACT_WEIGHTS), metadata={"format": "pt", "losparse": "1"})
-    if hasattr(target, "config") and hasattr(target.config, "save_pretrained"):
-        target.config.save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     meta = {"format_version": 1, "model_class": type(target).__name__, "layers": layers, "tied": tied,
             "losparse_args": _jsonable(losparse_args)}
     (out / COMPACT_CONFIG).write_text(json.dumps(meta, indent=1))
+    if hasattr(target, "config") and hasattr(target.config, "to_dict"):
+        _write_remote_code_files(target, out, layers, tied, meta["losparse_args"])
     logger.info("LoSparse: exported compact model to %s", out)
     return out
+
+
+def _auto_entries(architecture):
+    """``{Auto class: entry class}`` for the transformers Auto classes that load ``architecture``."""
+    from transformers.models.auto import modeling_auto
+
+    found = {}
+    for mapping, auto, entry in _AUTO_ENTRIES:
+        names = getattr(modeling_auto, mapping, {}).values()
+        if any(architecture == n or (isinstance(n, (tuple, list)) and architecture in n) for n in names):
+            found[auto] = f"modeling_losparse.{entry}"
+    return found
+
+
+def _write_remote_code_files(target, out, layers, tied, losparse_args):
+    """``config.json`` (model_type ``losparse``), ``modeling_losparse.py``, ``generation_config.json``, README.md."""
+    import shlex
+    import sys
+
+    arch = type(target).__name__
+    autos = _auto_entries(arch)
+    if not autos:
+        logger.warning("LoSparse: %s is not in a transformers Auto mapping; %s loads only with utils.load_compact",
+                       arch, out)
+    rep = compression_report(target)
+    dense = max(1, rep.dense_params)
+    ratios = {"low_rank_ratio": rep.low_rank_params / dense, "kept_sparse_ratio": rep.sparse_params / dense,
+              "effective_ratio": rep.effective_ratio, "parameters": rep.model_params,
+              "parameters_dense": rep.model_params_dense_equivalent}
+    base = target.config.to_dict()
+    source = getattr(target.config, "name_or_path", None) or base.get("_name_or_path") or "(not recorded)"
+    config = {"model_type": "losparse", "architectures": [autos[a].split(".")[1] for a in autos][:1],
+              "auto_map": {"AutoConfig": "modeling_losparse.LoSparseConfig", **autos}, "base_architecture": arch,
+              "base_config": base, "losparse_layers": layers, "losparse_tied": tied,
+              "losparse": {"source_model": str(source), **ratios, "args": losparse_args}}
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    if REMOTE_CODE_FILE.is_file():
+        (out / REMOTE_CODE_FILE.name).write_bytes(REMOTE_CODE_FILE.read_bytes())
+    else:
+        logger.warning("LoSparse: %s not found (utils.py copied alone?); %s loads only with utils.load_compact",
+                       REMOTE_CODE_FILE, out)
+    gen = getattr(target, "generation_config", None)
+    if gen is not None and getattr(target, "can_generate", lambda: False)():
+        gen.save_pretrained(str(out))
+    auto = next(iter(autos), "AutoModel")
+    size = (out / COMPACT_WEIGHTS).stat().st_size
+    card = [
+        "---", "library_name: transformers", "tags:", "- losparse", "- compression", "- low-rank",
+        "- structured-pruning", *([f"base_model: {source}"] if source != "(not recorded)" and not Path(source).exists()
+                                  else []), "---", "",
+        f"# LoSparse compact model of {source}", "",
+        "Each compressed linear layer `W` of the source model is stored as a low-rank product `L @ R` plus the rows "
+        "of a sparse matrix `S` that survived structured pruning (LoSparse, ICML 2023). Load it with torch and "
+        "transformers only:", "",
+        "```python", f"from transformers import {auto}, AutoTokenizer",
+        f'model = {auto}.from_pretrained("{out.name}", trust_remote_code=True)',
+        f'tokenizer = AutoTokenizer.from_pretrained("{out.name}", trust_remote_code=True)  # reads config.json too',
+        "```", "",
+        "Without `trust_remote_code=True` transformers refuses the folder (its `config.json` has `model_type` "
+        "`losparse`): the compressed layers need `modeling_losparse.py`.", "",
+        "| | |", "|---|---|",
+        f"| source model | `{source}` ({arch}) |",
+        f"| compressed matrices | {len(layers)} |",
+        f"| low-rank parameters (L, R) | {ratios['low_rank_ratio']:.2%} of the compressed matrices |",
+        f"| kept rows of S | {ratios['kept_sparse_ratio']:.2%} of the compressed matrices |",
+        f"| effective ratio (L, R and kept rows) | {ratios['effective_ratio']:.2%} |",
+        f"| parameters | {rep.model_params:,} (dense source: {rep.model_params_dense_equivalent:,}) |",
+        f"| `{COMPACT_WEIGHTS}` | {size:,} bytes ({size / 2**20:.2f} MiB) |", "",
+        "Made with:", "", "```", "python " + shlex.join(sys.argv), "```", "",
+    ]
+    if losparse_args:
+        card += ["LoSparse flags:", "", "```json", json.dumps(losparse_args, indent=1, sort_keys=True), "```", ""]
+    (out / "README.md").write_text("\n".join(card))
 
 
 def _jsonable(args):
@@ -1669,10 +1764,46 @@ def _jsonable(args):
     return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool, type(None), list))}
 
 
+def _compact_base_config(out):
+    """The model config of an export: ``config.json`` itself, or its ``base_config`` when it is a LoSparse one."""
+    import transformers
+
+    path = out / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (the model config of the export)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointMismatchError(f"{path}: not valid JSON ({e})") from e
+    if raw.get("model_type") != "losparse":
+        return transformers.AutoConfig.from_pretrained(str(out))  # written before the remote-code export
+    base = dict(raw.get("base_config") or {})
+    model_type = base.pop("model_type", None)
+    if not model_type:
+        raise CheckpointMismatchError(f"{path}: base_config has no model_type (edited file?)")
+    return type(transformers.AutoConfig.for_model(model_type)).from_dict(base)
+
+
+def _check_kept_rows(sd, layers, where):
+    for name, entry in layers.items():
+        if entry["form"] != "losparse":
+            continue
+        idx = sd.get(name + ".nonzero_idx")
+        if idx is None:
+            continue  # reported as a missing key
+        n = entry["out_features"]
+        if (idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.dim() != 1
+                or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n))
+                or idx.unique().numel() != idx.numel()):
+            raise CheckpointMismatchError(f"{where}: {name}.nonzero_idx must hold distinct row indices in "
+                                          f"[0, {n}); found {idx.tolist()[:10]}")
+
+
 def load_compact(output_dir, model_class=None, device=None, dtype=None, prefer="speed"):
     """Rebuild a model written by :func:`export_compact`, from that directory alone (eval mode).
 
-    ``prefer``: how the compacted layers run inference, as in :func:`prune`.
+    ``prefer``: how the compacted layers run inference, as in :func:`prune`. Reads folders of every
+    :func:`export_compact` version (``config.json`` plain or of ``model_type`` ``"losparse"``).
     """
     from safetensors.torch import load_file
     import transformers
@@ -1680,13 +1811,21 @@ def load_compact(output_dir, model_class=None, device=None, dtype=None, prefer="
     _check_prefer(prefer)
 
     out = Path(output_dir)
-    meta = json.loads((out / COMPACT_CONFIG).read_text())
-    config = transformers.AutoConfig.from_pretrained(str(out))
+    meta_path = out / COMPACT_CONFIG
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: missing; {out} is not an export_compact folder")
+    meta = json.loads(meta_path.read_text())
+    config = _compact_base_config(out)
     if model_class is None:
         model_class = getattr(transformers, meta.get("model_class", ""), None) or transformers.AutoModel
     model = model_class.from_config(config) if hasattr(model_class, "from_config") else \
         model_class._from_config(config)
-    sd = load_file(str(out / COMPACT_WEIGHTS))
+    weights = out / COMPACT_WEIGHTS
+    if not weights.is_file() and (out / _LEGACY_COMPACT_WEIGHTS).is_file():
+        weights = out / _LEGACY_COMPACT_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing")
+    sd = load_file(str(weights))
     for name, entry in meta["layers"].items():
         if entry["form"] == "dense":
             continue
@@ -1707,7 +1846,9 @@ def load_compact(output_dir, model_class=None, device=None, dtype=None, prefer="
     mismatched = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in sd if k in own and sd[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(_mismatch_message(missing, unexpected, mismatched))
+        raise CheckpointMismatchError(f"{weights} does not match {meta_path.name} / config.json: "
+                                      + _mismatch_message(missing, unexpected, mismatched))
+    _check_kept_rows(sd, meta["layers"], str(weights))
     model.load_state_dict(sd, strict=True)
     if hasattr(model, "tie_weights") and meta.get("tied"):
         model.tie_weights()

@@ -20,7 +20,7 @@ PROMPT = "The capital of France is"
 
 
 def _weights_file(run_dir):
-    for f in ("compact/model.safetensors", "model.safetensors"):
+    for f in ("compact/losparse_model.safetensors", "compact/model.safetensors", "model.safetensors"):
         if (run_dir / f).is_file():
             return run_dir / f
     return None

@@ -27,7 +27,7 @@ def main(argv=None):
     p.add_argument("--seconds_losparse", type=float)
     a = p.parse_args(argv)
     full = summarize(a.full, ["model.safetensors"])
-    los = summarize(a.losparse, ["compact/model.safetensors"])
+    los = summarize(a.losparse, ["compact/losparse_model.safetensors"])
     rows = [("full fine-tuning", full, a.seconds_full), ("LoSparse 20 %", los, a.seconds_losparse)]
     print(f"{'run':<18} {'accuracy':>9} {'parameters':>12} {'weights file':>13} {'matrices kept':>14} {'time':>7}")
     for name, r, sec in rows:

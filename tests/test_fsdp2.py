@@ -372,7 +372,7 @@ def test_fsdp2_checkpoints_have_the_single_process_layout(glue):
     assert _layout(out / "output" / "step_6") == _layout(single_out / "output" / "step_6")
     final = {k: v for k, v in _layout(out / "output").items() if not k.startswith(("step_", "epoch_"))}
     assert final == {k: v for k, v in _layout(single_out / "output").items() if not k.startswith(("step_", "epoch_"))}
-    assert "compact/model.safetensors" in final and "pytorch_model.bin" in final
+    assert "compact/losparse_model.safetensors" in final and "pytorch_model.bin" in final
 
 
 def test_fsdp2_resume_is_exact(glue):

@@ -81,7 +81,7 @@ def test_quickstart_clm_reduced_steps(tmp_path):
     assert untouched + 0.25 * DENSE_ENTRIES < los["params"] <= untouched + los["ratio"] * DENSE_ENTRIES + 1
     # fp32 files: 4 bytes a parameter (+ the compact file's int64 row indices and headers)
     assert full["bytes"] == pytest.approx(4 * PARAMS, rel=0.001)
-    assert los["bytes"] == pytest.approx(4 * los["params"], rel=0.01) and los["file"].endswith("compact/model.safetensors")
+    assert los["bytes"] == pytest.approx(4 * los["params"], rel=0.01) and los["file"].endswith("compact/losparse_model.safetensors")
     for r in (full, los):
         assert r["tokens_per_s"] > 0 and isinstance(r["sample"], str)
     assert any(line.startswith("LoSparse 0.25 + 0.25") for line in lines)

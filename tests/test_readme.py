@@ -23,7 +23,7 @@ def test_readme_snippet_runs(tmp_path, monkeypatch):
     assert len(rep.layers) == 12
     # kept sparse fraction == final_threshold (0.15) within one row per layer
     assert rep.sparse_params == pytest.approx(0.15 * rep.dense_params, abs=sum(l["in_features"] for l in rep.layers))
-    assert (tmp_path / "pytorch_model.bin").is_file() and (tmp_path / "compact_model" / "model.safetensors").is_file()
+    assert (tmp_path / "pytorch_model.bin").is_file() and (tmp_path / "compact_model" / "losparse_model.safetensors").is_file()
     ids = torch.randint(0, 100, (2, 7))
     model.eval()
     with torch.no_grad():

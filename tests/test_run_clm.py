@@ -279,8 +279,15 @@ def trained(assets):
 def test_losparse_run_ratio_files_and_perplexity_lines(trained):
     out, proc = trained
     for f in ("config.json", "model.safetensors", "tokenizer_config.json", "pytorch_model.bin", "all_results.json",
-              "compact/model.safetensors", "compact/losparse_config.json"):
+              "compact/losparse_model.safetensors", "compact/losparse_config.json"):
         assert (out / f).is_file(), f
+    # compact/ loads with plain transformers (trust_remote_code; tests/test_remote_code.py loads such folders)
+    cfg = json.loads((out / "compact" / "config.json").read_text())
+    assert cfg["model_type"] == "losparse" and cfg["base_architecture"] == "Qwen2ForCausalLM"
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_losparse.LoSparseForCausalLM"
+    assert {"modeling_losparse.py", "generation_config.json", "tokenizer_config.json"} <= set(
+        p.name for p in (out / "compact").iterdir())
+    assert "run_clm.py" in (out / "compact" / "README.md").read_text()
     res = _results(out)
     assert res["train_steps"] == STEPS and math.isfinite(res["perplexity"]) and res["perplexity"] > 1
     assert res["perplexity"] == pytest.approx(math.exp(res["eval_loss"]))

@@ -153,7 +153,7 @@ def test_train_reaches_final_threshold(runs, name):
     out, proc = runs(name)
     kind, data, extra = CASES[name]
     for f in ("config.json", "model.safetensors", "tokenizer_config.json", "pytorch_model.bin", "all_results.json",
-              "compact/model.safetensors"):
+              "compact/losparse_model.safetensors"):
         assert (out / f).is_file(), f
     res = _results(out)
     assert set(res) == METRICS[data] | RESULT_KEYS

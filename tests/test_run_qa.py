@@ -117,7 +117,7 @@ def test_train_eval_then_eval_only_reproduces(assets, tmp_path, kind):
 
     res = results(out)
     for f in ("predictions.json", "nbest_predictions.json", "pytorch_model.bin", "model.safetensors", "config.json",
-              "tokenizer.json", "compact/model.safetensors", "compact/losparse_config.json"):
+              "tokenizer.json", "compact/losparse_model.safetensors", "compact/losparse_config.json"):
         assert (out / f).is_file(), f
     assert not (out / "null_odds.json").exists()
     predictions = json.loads((out / "predictions.json").read_text())

@@ -123,7 +123,7 @@ def trained(assets):
 def test_train_and_eval_writes_model_summaries_and_results(trained, assets):
     out, log = trained["out"], trained["log"]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "pytorch_model.bin",
-                 "generated_predictions.txt", "all_results.json", "compact/model.safetensors"):
+                 "generated_predictions.txt", "all_results.json", "compact/losparse_model.safetensors"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in out.glob("epoch_*")) == [f"epoch_{i}" for i in range(6)]
     res = results(out)
