@@ -412,7 +412,6 @@ class LinearLoSparse(nn.Module):
     """
 
     last_path = None
-    cache_derived = True
 
     def __init__(self, in_feature, out_feature, reduced_rank, has_bias=True, has_sparse=True, device=None,
                  dtype=None):
@@ -468,6 +467,15 @@ class LinearLoSparse(nn.Module):
         if value not in PATH_CHOICES:
             raise ValueError(f"path_choice={value!r}: allowed values are " + ", ".join(map(repr, PATH_CHOICES)))
         self.__dict__["_path_choice"] = value
+        self.refresh()
+
+    @property
+    def cache_derived(self):
+        return self.__dict__.get("_cache_derived", True)
+
+    @cache_derived.setter
+    def cache_derived(self, value):
+        self.__dict__["_cache_derived"] = bool(value)
         self.refresh()
 
     # -- shapes ---------------------------------------------------------------------------------------
