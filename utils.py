@@ -4,7 +4,7 @@ One drop-in module, in reading order:
 
 1. decomposition      ``low_rank_decomposition``
 2. the layer          ``LinearLoSparse`` (forward, compaction, parameter count)
-3. the walker         ``substitute_layer_weights``, ``prune``
+3. the walker         ``substitute_layer_weights``, ``prune``, ``refresh``
 4. the pruner         ``Pruner`` (cubic schedule, PLATON importance, masking, ``state_dict``)
 5. checkpoint I/O     ``load_checkpoint``, ``save_checkpoint``, ``export_compact``, ``load_compact``,
    and reporting      ``compression_report``
@@ -18,7 +18,8 @@ The three hooks of the original README::
     threshold, mask_threshold = pruner.update_and_pruning(model, completed_steps)          # STEP 3
 
 Public names, signatures and state-dict keys (``left.weight``, ``right.weight``, ``sparse.weight``,
-``bias``, ``sparse_weight_pruned``) are those of the original code; differences are listed in README.md.
+``bias``, ``sparse_weight_pruned``) are those of the original code (a column-compacted S adds
+``sparse_weight_pruned_cols`` and ``nonzero_col_idx``); differences are listed in README.md.
 """
 import argparse
 import copy
@@ -211,7 +212,8 @@ class _MergedLinear(torch.autograd.Function):
                 gL = gW @ R.t() if need_L else None
                 gR = L.t() @ gW if need_R else None
             if need_b and ctx.has_bias:  # summed in at least fp32 (float64 layers: in float64)
-                gb = gy2.sum(0, dtype=torch.promote_types(gy2.dtype, torch.float32)).to(ctx.bias_dtype)
+                acc = torch.float64 if gy2.dtype == torch.float64 else torch.float32  # (no dispatcher op)
+                gb = gy2.sum(0, dtype=acc).to(ctx.bias_dtype)
         return gx, gL, gR, gS, gb, None
 
 
@@ -385,14 +387,14 @@ class _Derived:
 
 
 def _tensor_stamp(t):
-    """What changes when a tensor is replaced, re-pointed or modified in place through itself (or a view).
+    """What changes when a tensor is re-pointed (``.data =``, ``.to()``), reshaped, or modified in place through
+    itself or a view (its version).
 
     An in-place edit through ``.data`` bumps no version counter (PyTorch gives ``.data`` its own), and neither
     do FSDP2's re-gathers or ``torch.autograd._unsafe_preserve_version_counter``: see
     :meth:`LinearLoSparse.refresh`. Inference tensors have no version counter.
     """
-    return (None if t.is_inference() else t._version, t.untyped_storage().data_ptr(), t.storage_offset(),
-            tuple(t.shape), t.stride(), t.dtype, t.device)
+    return None if t.is_inference() else t._version, t.data_ptr(), t.shape
 
 
 class LinearLoSparse(nn.Module):
@@ -607,8 +609,11 @@ class LinearLoSparse(nn.Module):
         return y if x.dim() == 2 else y.view(*shape[:-1], self.out_feature)
 
     def _sources(self):
-        return [t for t in (self.left.weight, self.right.weight, self.sparse_weight_pruned, self.nonzero_idx,
-                            self.sparse_weight_pruned_cols, self.nonzero_col_idx, self.bias) if t is not None]
+        """L, R, the kept part of S, its indices and the bias (read from the module dicts: called every call)."""
+        p, b = self._parameters, self._buffers
+        return [t for t in (self._modules["left"]._parameters["weight"], self._modules["right"]._parameters["weight"],
+                            p["sparse_weight_pruned"], b["nonzero_idx"], p["sparse_weight_pruned_cols"],
+                            b["nonzero_col_idx"], p["bias"]) if t is not None]
 
     def _derived_key(self):
         """The source tensors (by weak reference: a new tensor at a freed address is not taken for the old one)
