@@ -869,8 +869,9 @@ def prune(module, prefer="speed"):
     ``prefer`` sets how the compacted layers run inference: ``"speed"`` (default) may multiply by the merged
     dense ``L R + S`` where that is faster (it then holds that matrix in memory too); ``"memory"`` never
     builds it. Each S keeps its nonzero rows, or its nonzero columns when those store less (column-structured
-    pruning). A layer whose S has neither zero rows nor zero columns (unstructured pruning) gains nothing: it
-    is named in a warning, and :func:`export_compact` stores it as one dense matrix. Returns the number of
+    pruning). A layer whose S has neither a zero row nor a zero column (not pruned, or pruned unstructured)
+    gains nothing: it is named in a warning, and :func:`export_compact` stores it as one dense matrix when
+    that is smaller. Returns the number of
     layers compacted. Re-create the optimizer afterwards: the parameters changed.
     """
     _refuse_sharded(module, "prune")
@@ -878,14 +879,17 @@ def prune(module, prefer="speed"):
     layers = [(n, m) for n, m in module.named_modules() if isinstance(m, LinearLoSparse)]
     no_gain = []
     for name, m in layers:
-        m.prune_sparse()
+        if m.has_sparse and not m.is_compacted:
+            m.prune_sparse()
+            form, kept, _ = m._sparse_form()
+            if kept == (m.out_feature if form == "rows" else m.in_feature):
+                no_gain.append(name)
         m.prefer = prefer
-        if m.has_sparse and m.num_parameters(compact=True) >= m.num_parameters(compact=False):
-            no_gain.append(name)
     if no_gain:
-        logger.warning("LoSparse: %d compacted layer(s) hold at least as many parameters as the dense matrix (S "
-                       "has no zero row and no zero column: unstructured pruning, --structured_method none?): %s; "
-                       "export_compact stores them as dense matrices", len(no_gain), ", ".join(no_gain[:10]))
+        logger.warning("LoSparse: %d layer(s) kept every row and every column of S (not pruned, or pruned "
+                       "unstructured: --structured_method none): compaction saves nothing there, and export_compact "
+                       "stores those whose L, R and S outsize the dense matrix as dense: %s", len(no_gain),
+                       ", ".join(no_gain[:10]) + (" ..." if len(no_gain) > 10 else ""))
     logger.info("LoSparse: compacted %d layers", len(layers))
     return len(layers)
 
@@ -1610,11 +1614,9 @@ class CompressionReport:
         self.layers = layers
         self.dense_params = sum(l["out_features"] * l["in_features"] for l in layers)
         self.low_rank_params = sum(l["rank"] * (l["out_features"] + l["in_features"]) for l in layers)
-        self.sparse_params = sum(_sparse_stored(l) for l in layers)
-        # what the stored tensors hold: a layer whose L, R and kept S are not smaller than W is stored dense
-        stored = sum(min(l["rank"] * (l["out_features"] + l["in_features"]) + _sparse_stored(l),
-                         l["out_features"] * l["in_features"]) for l in layers)
-        self.effective_ratio = stored / self.dense_params if self.dense_params else 1.0
+        self.sparse_params = sum(_sparse_stored(l) for l in layers)  # kept rows, or columns where fewer
+        self.effective_ratio = ((self.low_rank_params + self.sparse_params) / self.dense_params
+                                if self.dense_params else 1.0)
         self.model_params = model_params
         self.model_params_dense_equivalent = model_params_dense_equivalent
         self.model_params_in_memory = model_params_in_memory
@@ -1629,14 +1631,14 @@ class CompressionReport:
     def table(self):
         lines = [f"{'layer':<60} {'out':>6} {'in':>6} {'rank':>5} {'rows':>6} {'ratio':>7}  path"]
         for l in self.layers:
-            ratio = min(l["rank"] * (l["out_features"] + l["in_features"]) + _sparse_stored(l),
-                        l["out_features"] * l["in_features"]) / (l["out_features"] * l["in_features"])
+            ratio = (l["rank"] * (l["out_features"] + l["in_features"]) + _sparse_stored(l)) / \
+                    (l["out_features"] * l["in_features"])
             lines.append(f"{l['name'][-60:]:<60} {l['out_features']:>6} {l['in_features']:>6} {l['rank']:>5} "
                          f"{l['kept_rows']:>6} {ratio:>7.2%}  {l.get('path', '')}")
         lines += [
             f"substituted matrices: {len(self.layers)}, dense parameters {self.dense_params:,}",
-            f"low-rank parameters {self.low_rank_params:,} + kept sparse parameters {self.sparse_params:,}; "
-            f"stored (a layer stored dense where that is smaller) = {self.effective_ratio:.2%} of dense",
+            f"low-rank parameters {self.low_rank_params:,} + kept sparse parameters {self.sparse_params:,} "
+            f"= {self.effective_ratio:.2%} of dense",
             f"whole model: {self.model_params:,} parameters stored compactly vs {self.model_params_dense_equivalent:,}"
             f" dense ({self.model_params / max(1, self.model_params_dense_equivalent):.2%}); "
             f"{self.model_params_in_memory:,} in memory now",

@@ -246,11 +246,14 @@ def test_unstructured_sparse_is_reported_and_exported_as_what_pays(tmp_path, cap
     with torch.no_grad():  # half the entries, no zero row nor column
         i = torch.arange(16)
         model[0].sparse.weight.mul_(((i[:, None] + i[None, :]) % 2 == 0).float())
-    assert utils.compression_report(model).effective_ratio == 1.0
-    with caplog.at_level(logging.WARNING, logger="losparse"):
-        utils.prune(model)
-    assert any("unstructured" in r.getMessage() for r in caplog.records)
-    assert utils.compression_report(model).effective_ratio == 1.0
+    low = model[0].reduced_rank * 32
+    for _ in range(2):  # before and after prune: L, R and every row (nothing to gain), not less
+        rep = utils.compression_report(model)
+        assert rep.effective_ratio == pytest.approx((low + 256) / 256) and rep.sparse_params == 256
+        assert rep.model_params == 256 + 16  # what export_compact stores: the dense matrix and the bias
+        with caplog.at_level(logging.WARNING, logger="losparse"):
+            utils.prune(model)
+    assert sum("unstructured" in r.getMessage() for r in caplog.records) == 1  # the second prune: nothing to do
     meta = json.loads((utils.export_compact(model, tmp_path / "c") / "losparse_config.json").read_text())
     assert meta["layers"]["0"]["form"] == "dense"
 
