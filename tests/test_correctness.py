@@ -62,14 +62,15 @@ def _compacted(form, bias=True, dtype=torch.float64, seed=0):
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16, torch.float16])
-def test_merged_forward_casts_as_nn_linear_does(param_dtype, x_dtype, autocast):
+@pytest.mark.parametrize("rows", [8, 1])  # merged, factored
+def test_training_forward_casts_as_nn_linear_does(param_dtype, x_dtype, autocast, rows):
     """bf16 weights fed fp32 under autocast crashed (``mat1 and mat2 must have the same dtype``)."""
     layer = _layer(dtype=param_dtype)
     linear = nn.Linear(IN, OUT).to(param_dtype)
     with torch.no_grad():
         linear.weight.copy_(layer.merged_weight())
         linear.bias.copy_(layer.bias)
-    x = torch.randn(2, 4, IN).to(x_dtype).requires_grad_()
+    x = torch.randn(rows, IN).to(x_dtype).requires_grad_()
     results = []
     for module in (linear, layer):
         try:
