@@ -427,7 +427,7 @@ def main(argv=None):
                                        svd=args.svd)
     if train_stored:
         _load_checkpoint_or_exit(model, args.stored_model_path, "--stored_model_path")
-        utils.prune(model)  # keep only the nonzero rows of S; they are trained, no further pruning
+        utils.prune(model)  # keep only the nonzero rows (or columns) of S; they are trained, no further pruning
     if args.eval_checkpoint is not None:
         _load_checkpoint_or_exit(model, args.eval_checkpoint, "--eval_checkpoint")
 

@@ -4,7 +4,7 @@ One drop-in module, in reading order:
 
 1. decomposition      ``low_rank_decomposition``
 2. the layer          ``LinearLoSparse`` (forward, compaction, parameter count)
-3. the walker         ``substitute_layer_weights``, ``prune``, ``prepare_for_inference`` (torch.compile, CUDA graphs)
+3. the walker         ``substitute_layer_weights``, ``prune``, ``refresh``, ``prepare_for_inference``
 4. the pruner         ``Pruner`` (cubic schedule, PLATON importance, masking, ``state_dict``)
 5. checkpoint I/O     ``load_checkpoint``, ``save_checkpoint``, ``export_compact``, ``load_compact``,
    and reporting      ``compression_report``
@@ -21,7 +21,8 @@ The three hooks of the original README::
     threshold, mask_threshold = pruner.update_and_pruning(model, completed_steps)          # STEP 3
 
 Public names, signatures and state-dict keys (``left.weight``, ``right.weight``, ``sparse.weight``,
-``bias``, ``sparse_weight_pruned``) are those of the original code; differences are listed in README.md.
+``bias``, ``sparse_weight_pruned``) are those of the original code (a column-compacted S adds
+``sparse_weight_pruned_cols`` and ``nonzero_col_idx``); differences are listed in README.md.
 """
 import argparse
 import contextlib
@@ -58,7 +59,7 @@ __all__ = [
     "low_rank_decomposition", "LinearLoSparse", "substitute_layer_weights", "prune", "Pruner",
     "load_checkpoint", "save_checkpoint", "export_compact", "load_compact", "compression_report",
     "CompressionReport", "CheckpointMismatchError", "add_losparse_args", "validate_losparse_args",
-    "check_distributed_support", "apply_fsdp2", "fsdp2_checkpointing", "fsdp2_full_model",
+    "check_distributed_support", "apply_fsdp2", "fsdp2_checkpointing", "fsdp2_full_model", "refresh",
     "prepare_for_inference",
 ]
 
@@ -168,27 +169,40 @@ def _merge_pays(rows, in_f, out_f):
     return rows * (in_f + out_f) >= in_f * out_f
 
 
+def _autocast_casts(t, dtype):
+    """Whether autocast casts ``t`` to ``dtype`` before a GEMM, as it does for ``nn.Linear``'s input, weight and
+    bias: floating tensors other than float64 are cast, whatever their own dtype."""
+    return t is not None and t.is_floating_point() and t.dtype not in (torch.float64, dtype)
+
+
 class _MergedLinear(torch.autograd.Function):
     """``y = x (L R + S)^T + b`` as one dense GEMM on ``W = addmm(S, L, R)``, with W never saved.
 
     Backward: ``gW = gy^T x`` is the gradient of S, ``gW R^T`` that of L, ``L^T gW`` that of R (the chain rule
     through W), ``gy W`` that of x, with W rebuilt from the parameters. So a step runs the dense model's GEMMs
-    plus three ``out x r x in`` ones, and keeps the dense model's activations. Under autocast W is built in the
-    parameters' dtype and cast once (``dtype``): the cast copy is what a dense ``nn.Linear`` saves too.
+    plus three ``out x r x in`` ones, and keeps the dense model's activations. Under autocast (``dtype``) W is
+    built in the parameters' dtype, and W, x and the bias are cast as autocast casts them for ``nn.Linear``
+    (fp32/fp16/bf16 to ``dtype``, float64 left alone). Only what backward uses is saved
+    (``ctx.needs_input_grad``): x only when a weight needs a gradient, the cast W only when x needs one.
     """
 
     @staticmethod
     def forward(ctx, x, L, R, S, bias, dtype):
+        ctx.bias_dtype = None if bias is None else bias.dtype
         with torch.autocast(x.device.type, enabled=False):
             W = torch.addmm(S, L, R)
-            if dtype is not None and dtype != W.dtype:
-                W, x = W.to(dtype), x.to(dtype)
-                bias = None if bias is None else bias.to(dtype)
+            if dtype is not None:
+                W = W.to(dtype) if _autocast_casts(W, dtype) else W
+                x = x.to(dtype) if _autocast_casts(x, dtype) else x
+                bias = bias.to(dtype) if _autocast_casts(bias, dtype) else bias
             y = F.linear(x, W, bias)
-        # W is a fresh tensor in the parameters' dtype: rebuilding it in backward keeps activation memory at
-        # the dense model's; a cast copy (autocast) is saved, as nn.Linear's cast weight would be.
-        ctx.save_for_backward(x, L, R, S, W if W.dtype != S.dtype else None)
-        ctx.dtype, ctx.has_bias = W.dtype, bias is not None
+        need_x, need_L, need_R, need_S = ctx.needs_input_grad[:4]
+        cast = W.dtype != S.dtype  # a cast copy: saved (as nn.Linear's cast weight is); else rebuilt in backward
+        rebuild = need_x and not cast
+        ctx.save_for_backward(x if (need_L or need_R or need_S) else None,
+                              L if (need_R or rebuild) else None, R if (need_L or rebuild) else None,
+                              S if rebuild else None, W if (need_x and cast) else None)
+        ctx.dtype, ctx.w_dtype, ctx.in_f, ctx.has_bias = W.dtype, S.dtype, S.shape[1], bias is not None
         return y
 
     @staticmethod
@@ -202,25 +216,34 @@ class _MergedLinear(torch.autograd.Function):
             if need_x:
                 if W is None:
                     W = torch.addmm(S, L, R)
-                gx = (gy2 @ W).view(*gy.shape[:-1], W.shape[1])
+                gx = (gy2 @ W).view(*gy.shape[:-1], ctx.in_f)
             if need_L or need_R or need_S:
-                gW = (gy2.t() @ x.reshape(-1, x.shape[-1])).to(S.dtype)
+                gW = (gy2.t() @ x.reshape(-1, x.shape[-1])).to(ctx.w_dtype)
                 gS = gW if need_S else None
                 gL = gW @ R.t() if need_L else None
                 gR = L.t() @ gW if need_R else None
-            if need_b and ctx.has_bias:
-                gb = gy2.sum(0, dtype=torch.float32).to(S.dtype)
+            if need_b and ctx.has_bias:  # summed in at least fp32 (float64 layers: in float64)
+                acc = torch.float64 if gy2.dtype == torch.float64 else torch.float32  # (no dispatcher op)
+                gb = gy2.sum(0, dtype=acc).to(ctx.bias_dtype)
         return gx, gL, gR, gS, gb, None
 
 
 # Forms of a compacted layer's inference forward (x2: tokens x in; y: tokens x out), see LinearLoSparse._derive.
+# Row form (S keeps k rows at output positions idx):
 # "fused":      T = x [R; S_kept]^T, one GEMM; y = T[:, :r] L^T + b; y[:, idx] += T[:, r:r+k].
 # "transposed": T' = [R; S_kept] x^T; y' = L T'[:r] + b; y'[idx] += T'[r:r+k] (contiguous rows); y = y'^T
 #               copied to row-major.
 # "onehot":     T = x [R; S_kept]^T; y = T [L | P]^T + b, P the one-hot columns of idx: two GEMMs, no scatter.
 # "merged":     y = x (L R + S)^T + b with the dense weight (as fast as the dense layer; costs its memory).
+# Column form (S keeps k columns at input positions idx, ``sparse_weight_pruned_cols`` out x k):
+# "fused":      y = (x R^T) L^T + b, then y += x[:, idx] S_cols^T (a gather and an accumulating GEMM).
+# "transposed": the same on x^T; y copied to row-major.
+# "onehot":     T = x [R; E]^T with E the one-hot rows of idx (the gather as part of the GEMM);
+#               y = T [L | S_cols]^T + b: two GEMMs.
+# "merged":     as for rows.
 COMPACT_PATHS = ("fused", "transposed", "onehot", "merged")
 PREFER_CHOICES = ("speed", "memory")
+PATH_CHOICES = ("cost", "timed")
 
 
 def _ceil8(n):
@@ -228,6 +251,10 @@ def _ceil8(n):
 
 
 def _fwd_fused(x, d, idx, bias):
+    if d.get("cols"):
+        y = torch.mm(torch.mm(x, d["r_t"]), d["l_t"]) if bias is None else \
+            torch.addmm(bias, torch.mm(x, d["r_t"]), d["l_t"])
+        return y.addmm_(x.index_select(1, idx), d["s_t"]) if d["k"] else y
     t = torch.mm(x, d["rs_t"])
     h = t[:, :d["r8"]]
     y = torch.mm(h, d["l_t"]) if bias is None else torch.addmm(bias, h, d["l_t"])
@@ -237,6 +264,12 @@ def _fwd_fused(x, d, idx, bias):
 
 
 def _fwd_transposed(x, d, idx, bias):
+    if d.get("cols"):
+        h = torch.mm(d["r"], x.t())
+        y = torch.mm(d["l"], h) if bias is None else torch.addmm(d["b_col"], d["l"], h)
+        if d["k"]:
+            y.addmm_(d["s"], x.index_select(1, idx).t())
+        return y.t().contiguous()
     t = torch.mm(d["rs"], x.t())
     h = t[:d["r8"]]
     y = torch.mm(d["l"], h) if bias is None else torch.addmm(d["b_col"], d["l"], h)
@@ -261,69 +294,136 @@ _COMPACT_FORWARDS = {"fused": _fwd_fused, "transposed": _fwd_transposed, "onehot
 _MACHINE = {"cpu": (1.0e11, 2.0e10, 4e-6, 4.0), "cuda": (4.0e14, 2.5e12, 6e-6, 16.0)}
 
 
-def _path_costs(in_f, out_f, r, k, n, elt, device_type):
+def _path_costs(in_f, out_f, r, k, n, elt, device_type, cols=False):
     """Predicted seconds of each path of :data:`COMPACT_PATHS` for ``n`` tokens (FLOPs + bytes moved + kernels).
 
-    Deterministic: a function of the shapes, the element size and the device type only.
+    ``cols``: the column form (k kept columns of S). Deterministic: a function of the shapes, the element size
+    and the device type only, so every process of a distributed run picks the same forms.
     """
     flops, bw, kernel, scatter = _MACHINE.get(device_type, _MACHINE["cpu"])
     r8, k8 = _ceil8(r), _ceil8(k)
     rk = r8 + k8
     x, y = n * in_f, n * out_f
+    merged = (2 * n * in_f * out_f) / flops + elt * (x + in_f * out_f + y) / bw + kernel
+    onehot = (2 * n * in_f * rk + 2 * n * rk * out_f) / flops + elt * (x + rk * in_f + 2 * n * rk + out_f * rk + y) \
+        / bw + 2 * kernel
+    if cols:  # x R^T, (.) L^T + b, gather x[:, idx], += x_idx S_cols^T
+        gemms = (2 * n * in_f * r8 + 2 * n * r8 * out_f + 2 * n * k * out_f) / flops
+        moved = x + r8 * in_f + 2 * n * r8 + out_f * r8 + y + (scatter * n * k + n * k + k * out_f + 2 * y if k else 0)
+        fused = gemms + elt * moved / bw + (4 if k else 2) * kernel
+        return {"merged": merged, "fused": fused, "transposed": fused + elt * 2 * y / bw + kernel, "onehot": onehot}
     first_f = 2 * n * in_f * rk  # x [R; S]^T
     first_b = x + rk * in_f + n * rk
     add = n * k * 3  # read z, read and write y
-    costs = {
-        "merged": (2 * n * in_f * out_f) / flops + elt * (x + in_f * out_f + y) / bw + kernel,
+    return {
+        "merged": merged,
         "fused": (first_f + 2 * n * r8 * out_f) / flops
         + elt * (first_b + n * r8 + out_f * r8 + y + scatter * add) / bw + (3 if k else 2) * kernel,
         "transposed": (first_f + 2 * n * r8 * out_f) / flops
         + elt * (first_b + n * r8 + out_f * r8 + y + add + 2 * y) / bw + (3 if k else 2) * kernel,
-        "onehot": (first_f + 2 * n * rk * out_f) / flops + elt * (first_b + n * rk + out_f * rk + y) / bw + 2 * kernel,
+        "onehot": onehot,
     }
-    return costs
 
 
+# Opt-in timed choice (``layer.path_choice = "timed"``): shape class -> chosen form, shared by every layer of
+# the class in this process (and, under torch.distributed, decided on rank 0).
 _CUDA_CHOICES = {}
 
 
-def _timed_choice(layer, x2, candidates, reps=3):
-    """CUDA only: time each path once per (device, dtype, shape, token bucket) on the actual input; cached."""
-    key = (str(x2.device), x2.dtype, layer.in_feature, layer.out_feature, layer.reduced_rank,
-           layer.nonzero_idx.numel(), layer.bias is not None, max(1, x2.shape[0]).bit_length(), candidates)
-    if key not in _CUDA_CHOICES:
-        times = {}
-        for path in candidates:
-            d = layer._derived_for(path)
-            fn = _COMPACT_FORWARDS[path]
-            fn(x2, d, layer.nonzero_idx, layer.bias)  # warm-up
+def _time_forms(layer, x2, candidates, reps=3):
+    """Milliseconds of ``reps`` calls of each candidate form on ``x2`` (CUDA events on CUDA, a clock elsewhere)."""
+    import time
+
+    times = {}
+    for path in candidates:
+        d = layer._derived_for(path)
+        fn, idx = _COMPACT_FORWARDS[path], layer._kept_index()
+        fn(x2, d, idx, layer.bias)  # warm-up
+        if x2.is_cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(reps):
-                fn(x2, d, layer.nonzero_idx, layer.bias)
+                fn(x2, d, idx, layer.bias)
             end.record()
             end.synchronize()
             times[path] = start.elapsed_time(end)
-            if path == "merged":  # keep the dense weight only if it is chosen
-                layer.__dict__["_derived"].pop("merged", None)
-        _CUDA_CHOICES[key] = min(times, key=times.__getitem__)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn(x2, d, idx, layer.bias)
+            times[path] = 1e3 * (time.perf_counter() - t0)
+    return times
+
+
+def _rank0_choice(index, device):
+    """Under torch.distributed, every rank takes rank 0's ``index`` (one broadcast; all ranks must call it)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return index
+    t = torch.tensor([index], dtype=torch.long, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def _timed_choice(layer, x2, candidates, reps=3):
+    """The form of ``layer`` for this many tokens, timed once per shape class and process.
+
+    Shape class: device, dtype, in/out features, r and k rounded up to multiples of 8 (k: to a power of two),
+    row or column form, bias, token bucket and candidates; the layers of a class share one timing. Rank 0 times,
+    every rank takes its choice (so all ranks run the same forms), and only the chosen form's tensors stay.
+    """
+    cols, k = layer.sparse_weight_pruned_cols is not None, layer._kept_index().numel()
+    key = (x2.device.type, x2.dtype, layer.in_feature, layer.out_feature, _ceil8(layer.reduced_rank),
+           _ceil8(k).bit_length(), cols, layer.bias is not None, max(1, x2.shape[0]).bit_length(), candidates)
+    if key not in _CUDA_CHOICES:
+        dist = torch.distributed
+        first = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        index = 0
+        if first:
+            times = _time_forms(layer, x2, candidates, reps)
+            index = candidates.index(min(candidates, key=times.__getitem__))
+        device = x2.device if x2.is_cuda else torch.device("cpu")
+        _CUDA_CHOICES[key] = candidates[_rank0_choice(index, device)]
     return _CUDA_CHOICES[key]
+
+
+class _Derived:
+    """What a compacted layer derives for inference, in one place: the tensors of each form it uses, the form
+    chosen per token bucket, and the key (the source tensors and their versions) the tensors were built from."""
+
+    __slots__ = ("key", "tensors", "paths")
+
+    def __init__(self):
+        self.key, self.tensors, self.paths = None, {}, {}
+
+
+def _tensor_stamp(t):
+    """What changes when a tensor is re-pointed (``.data =``, ``.to()``), reshaped, or modified in place through
+    itself or a view (its version).
+
+    An in-place edit through ``.data`` bumps no version counter (PyTorch gives ``.data`` its own), and neither
+    do FSDP2's re-gathers or ``torch.autograd._unsafe_preserve_version_counter``: see
+    :meth:`LinearLoSparse.refresh`. Inference tensors have no version counter.
+    """
+    return None if t.is_inference() else t._version, t.data_ptr(), t.shape
 
 
 class LinearLoSparse(nn.Module):
     """``y = x (L R + S)^T + b`` with ``left`` = L (out x r), ``right`` = R (r x in), ``sparse`` = S (out x in).
 
-    After :meth:`prune_sparse` the dense ``sparse`` is dropped and only its nonzero rows are kept
-    (``sparse_weight_pruned``, k x in, at output positions ``nonzero_idx``), so memory and FLOPs scale with k.
+    After :meth:`prune_sparse` the dense ``sparse`` is dropped and only the nonzero rows of S are kept
+    (``sparse_weight_pruned``, k x in, at output positions ``nonzero_idx``), or its nonzero columns when that
+    stores less (column-structured pruning: ``sparse_weight_pruned_cols``, out x k, at input positions
+    ``nonzero_col_idx``), so memory and FLOPs scale with k.
 
     Compacted inference picks a form per token count (:data:`COMPACT_PATHS`). ``prefer`` = ``"speed"`` allows
-    the merged dense weight ``L R + S`` when it is predicted (CPU) or measured (CUDA) to be the fastest;
-    ``"memory"`` never builds it. ``compact_path`` forces one form. ``last_path`` is the form of the latest
-    inference call. Set them with :func:`prune` / :func:`load_compact` (``prefer=``) or on the module.
+    the merged dense weight ``L R + S`` when the cost model predicts it fastest (``path_choice = "timed"``:
+    when measured fastest); ``"memory"`` never builds it. ``compact_path`` forces one form. Setting any of them
+    takes effect on the next call. ``last_path`` is the form of the latest inference call. ``cache_derived =
+    False`` derives the tensors on every call instead of caching them. :meth:`refresh` drops the cached tensors
+    (call it after editing weights in a way PyTorch does not version, e.g. through ``.data``).
     """
 
-    prefer = "speed"
-    compact_path = None
     last_path = None
     _prepared_path = None  # set by prepare_for_inference
 
@@ -346,34 +446,116 @@ class LinearLoSparse(nn.Module):
             self.register_parameter("bias", None)
         self.register_parameter("sparse_weight_pruned", None)  # set by prune_sparse: kept rows of S (k x in)
         self.register_buffer("nonzero_idx", None)  # their row indices (k)
+        self.register_parameter("sparse_weight_pruned_cols", None)  # or: kept columns of S (out x k)
+        self.register_buffer("nonzero_col_idx", None)  # their column indices (k)
         self.register_load_state_dict_post_hook(LinearLoSparse._invalidate_derived)
+
+    # -- inference settings: each takes effect on the next call ---------------------------------------
+    @property
+    def prefer(self):
+        return self.__dict__.get("_prefer", "speed")
+
+    @prefer.setter
+    def prefer(self, value):
+        _check_prefer(value)
+        self.__dict__["_prefer"] = value
+        self.refresh()
+
+    @property
+    def compact_path(self):
+        return self.__dict__.get("_compact_path")
+
+    @compact_path.setter
+    def compact_path(self, value):
+        if value is not None and value not in _COMPACT_FORWARDS:
+            raise ValueError(f"compact_path={value!r}: allowed values are None, " + ", ".join(map(repr, COMPACT_PATHS)))
+        self.__dict__["_compact_path"] = value
+        self.refresh()
+
+    @property
+    def path_choice(self):
+        return self.__dict__.get("_path_choice", "cost")
+
+    @path_choice.setter
+    def path_choice(self, value):
+        if value not in PATH_CHOICES:
+            raise ValueError(f"path_choice={value!r}: allowed values are " + ", ".join(map(repr, PATH_CHOICES)))
+        self.__dict__["_path_choice"] = value
+        self.refresh()
+
+    @property
+    def cache_derived(self):
+        return self.__dict__.get("_cache_derived", True)
+
+    @cache_derived.setter
+    def cache_derived(self, value):
+        self.__dict__["_cache_derived"] = bool(value)
+        self.refresh()
 
     # -- shapes ---------------------------------------------------------------------------------------
     @property
     def is_compacted(self):
-        return self.sparse_weight_pruned is not None
+        return self.sparse_weight_pruned is not None or self.sparse_weight_pruned_cols is not None
 
     @property
     def kept_rows(self):
-        """Number of rows of S that carry a nonzero entry (what compaction keeps)."""
+        """Number of rows of S that carry a nonzero entry (what row compaction keeps)."""
         if not self.has_sparse:
             return 0
-        if self.is_compacted:
+        if self.sparse_weight_pruned is not None:
             return int(self.sparse_weight_pruned.shape[0])
-        rows = (self.sparse.weight != 0).any(dim=1)
+        w = self.sparse_weight_pruned_cols if self.is_compacted else self.sparse.weight
+        rows = (w != 0).any(dim=1)
         return int((rows.full_tensor() if _is_sharded(rows) else rows).sum())  # FSDP2: all ranks call this
 
+    @property
+    def kept_cols(self):
+        """Number of columns of S that carry a nonzero entry (what column compaction keeps)."""
+        if not self.has_sparse:
+            return 0
+        if self.sparse_weight_pruned_cols is not None:
+            return int(self.sparse_weight_pruned_cols.shape[1])
+        w = self.sparse_weight_pruned if self.is_compacted else self.sparse.weight
+        cols = (_local(w) != 0).any(dim=0).to(torch.int32)
+        if _is_sharded(w):  # FSDP2 row shards: a column is kept if any rank's rows keep it (all ranks call this)
+            torch.distributed.all_reduce(cols, op=torch.distributed.ReduceOp.MAX, group=w.device_mesh.get_group())
+        return int(cols.sum())
+
+    def _sparse_form(self):
+        """``("rows" | "cols", kept count, stored parameters)``: how S is (or would be) compacted; columns only
+        when they store less than rows."""
+        if not self.has_sparse:
+            return "rows", 0, 0
+        if self.sparse_weight_pruned is not None:
+            return "rows", self.kept_rows, self.kept_rows * self.in_feature
+        if self.sparse_weight_pruned_cols is not None:
+            return "cols", self.kept_cols, self.kept_cols * self.out_feature
+        rows, cols = self.kept_rows, self.kept_cols
+        if rows * self.in_feature <= cols * self.out_feature:
+            return "rows", rows, rows * self.in_feature
+        return "cols", cols, cols * self.out_feature
+
     def num_parameters(self, compact=True):
-        """Parameters of L, R, the kept rows of S and the bias (``compact=False``: with the dense S)."""
+        """Parameters of L, R, the kept rows (or columns) of S and the bias (``compact=False``: with the dense S)."""
         n = self.reduced_rank * (self.in_feature + self.out_feature) + (self.out_feature if self.has_bias else 0)
         if self.has_sparse:
-            n += (self.kept_rows if compact or self.is_compacted else self.out_feature) * self.in_feature
+            n += self._sparse_form()[2] if compact or self.is_compacted else self.out_feature * self.in_feature
         return n
 
     def extra_repr(self):
-        rows = f"{self.kept_rows}/{self.out_feature}" if self.has_sparse else "none"
+        """Never communicates: an FSDP2-sharded S (``DTensor``) is shown as such, not counted."""
+        if not self.has_sparse:
+            rows = "sparse_rows=none"
+        elif self.sparse_weight_pruned_cols is not None:
+            rows = f"sparse_cols={self.sparse_weight_pruned_cols.shape[1]}/{self.in_feature}"
+        elif self.sparse_weight_pruned is not None:
+            rows = f"sparse_rows={self.sparse_weight_pruned.shape[0]}/{self.out_feature}"
+        elif _is_sharded(self.sparse.weight):
+            rows = "sparse_rows=sharded"
+        else:
+            rows = f"sparse_rows={self.kept_rows}/{self.out_feature}"
         return (f"in_features={self.in_feature}, out_features={self.out_feature}, rank={self.reduced_rank}, "
-                f"sparse_rows={rows}{', compacted' if self.is_compacted else ''}, bias={self.has_bias}")
+                f"{rows}{', compacted' if self.is_compacted else ''}, bias={self.has_bias}")
 
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, x):
@@ -385,7 +567,7 @@ class LinearLoSparse(nn.Module):
         forms of :data:`COMPACT_PATHS` on tensors derived once from L, R and the kept rows of S (see
         :meth:`_compact_forward`). Otherwise (training) it computes ``X [R; S_kept]^T`` as one GEMM when x
         has at least ``r + k`` rows, then ``H L^T + B`` and an in-place ``index_add_`` of the k sparse columns,
-        all through autograd.
+        all through autograd (column form: ``H L^T + B + X[..., idx] S_cols^T``).
         """
         if not self.has_sparse:
             return F.linear(self.right(x), self.left.weight, self.bias)
@@ -398,6 +580,11 @@ class LinearLoSparse(nn.Module):
             return F.linear(self.right(x), self.left.weight, self.bias) + self.sparse(x)
         if not (torch.is_grad_enabled() and self._weights_need_grad()):
             return self._compact_forward(x)
+        if self.sparse_weight_pruned_cols is not None:
+            y = F.linear(self.right(x), self.left.weight, self.bias)
+            if self.nonzero_col_idx.numel() == 0:
+                return y
+            return y + F.linear(x.index_select(-1, self.nonzero_col_idx), self.sparse_weight_pruned_cols)
         r, k = self.reduced_rank, self.nonzero_idx.numel()
         if k == 0:
             return F.linear(self.right(x), self.left.weight, self.bias)
@@ -411,13 +598,16 @@ class LinearLoSparse(nn.Module):
     # -- compacted inference ----------------------------------------------------------------------------
     def _weights_need_grad(self):
         return any(p.requires_grad for p in (self.left.weight, self.right.weight, self.sparse_weight_pruned,
-                                             self.bias) if p is not None)
+                                             self.sparse_weight_pruned_cols, self.bias) if p is not None)
+
+    def _kept_index(self):
+        return self.nonzero_idx if self.sparse_weight_pruned is not None else self.nonzero_col_idx
 
     def _compact_forward(self, x):
         """Inference of a compacted layer: x is flattened to 2-D (the bias stays in the GEMM), the path is
         chosen per token-count bucket (:meth:`_path_for`), and the path's derived tensors are reused while L,
-        R, S, the bias and ``nonzero_idx`` are unchanged (checked through their version counters; under
-        ``torch.compile`` they are derived inside the graph, so they are never stale). A layer prepared by
+        R, S, the bias and the kept indices are the same tensors, unmodified (:meth:`_derived_for`). Under
+        ``torch.compile`` (and with ``cache_derived = False``) they are derived on every call, inside the graph. A layer prepared by
         :func:`prepare_for_inference` runs on its buffers instead (:func:`_prepared_forward`).
         """
         if self._prepared_path is not None:  # prepare_for_inference: derived once, held as buffers
@@ -425,90 +615,138 @@ class LinearLoSparse(nn.Module):
         shape = x.shape
         x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
         path = self._path_for(x2)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not self.cache_derived:
             d = self._derive(path)
         else:
             d = self._derived_for(path)
         self.last_path = path
-        y = _COMPACT_FORWARDS[path](x2, d, self.nonzero_idx, self.bias)
+        y = _COMPACT_FORWARDS[path](x2, d, self._kept_index(), self.bias)
         return y if x.dim() == 2 else y.view(*shape[:-1], self.out_feature)
 
+    def _sources(self):
+        """L, R, the kept part of S, its indices and the bias (read from the module dicts: called every call)."""
+        p, b = self._parameters, self._buffers
+        return [t for t in (self._modules["left"]._parameters["weight"], self._modules["right"]._parameters["weight"],
+                            p["sparse_weight_pruned"], b["nonzero_idx"], p["sparse_weight_pruned_cols"],
+                            b["nonzero_col_idx"], p["bias"]) if t is not None]
+
     def _derived_key(self):
-        return tuple((t.data_ptr(), t._version) for t in (self.left.weight, self.right.weight,
-                                                           self.sparse_weight_pruned, self.nonzero_idx, self.bias)
-                     if t is not None)
+        """The source tensors (by weak reference: a new tensor at a freed address is not taken for the old one)
+        with their stamps (:func:`_tensor_stamp`)."""
+        return tuple((weakref.ref(t), _tensor_stamp(t)) for t in self._sources())
+
+    def _derived_state(self):
+        state = self.__dict__.get("_derived")
+        if state is None:
+            state = self.__dict__["_derived"] = _Derived()
+        return state
+
+    def _key_holds(self, key):
+        """Whether ``key`` (from :meth:`_derived_key`) still describes the source tensors."""
+        sources = self._sources()
+        return key is not None and len(key) == len(sources) and all(
+            ref() is t and stamp == _tensor_stamp(t) for (ref, stamp), t in zip(key, sources))
 
     def _derived_for(self, path):
-        """The cached tensors of ``path``; rebuilt when a source tensor was replaced or modified in place."""
-        key = self._derived_key()
-        cache = self.__dict__.get("_derived")
-        if cache is None or cache["key"] != key:
-            cache = self.__dict__["_derived"] = {"key": key}
-        if path not in cache:
+        """The cached tensors of ``path``; all rebuilt when a source tensor was replaced or modified in place."""
+        state = self._derived_state()
+        if not self._key_holds(state.key):
+            state.tensors, state.key = {}, self._derived_key()
+        if path not in state.tensors:
             with torch.inference_mode(False), torch.no_grad():
-                cache[path] = self._derive(path)
-        return cache[path]
+                state.tensors[path] = self._derive(path)
+        return state.tensors[path]
 
-    def _invalidate_derived(self, *args, **kwargs):
+    def refresh(self):
+        """Forget the derived inference tensors and the forms chosen so far; the next call rebuilds them.
+
+        Needed only after an edit PyTorch does not version: in place through ``.data``, in place on inference
+        tensors inside ``torch.inference_mode``, or under ``torch.autograd._unsafe_preserve_version_counter``.
+        Replaced tensors, in-place edits (optimizer steps, ``copy_``), ``.to()``, ``load_state_dict``,
+        ``prune`` and setting ``prefer`` / ``compact_path`` / ``path_choice`` are noticed without it.
+        A layer prepared by :func:`prepare_for_inference` re-derives its buffers in place (a compiled model or a
+        captured CUDA graph then reads the new values).
+        """
         self.__dict__["_derived"] = None
-        self.__dict__["_paths"] = {}
+        if self._prepared_path is not None:
+            _refresh_prepared(self)
+
+    def _invalidate_derived(self, *args, **kwargs):  # load_state_dict post-hook
+        self.refresh()
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .half(), .cuda(): derived tensors follow on next use
-        self._invalidate_derived()
+        self.__dict__["_derived"] = None
+        self.__dict__["_prepared_key"] = None  # prepared buffers move with the module; re-derived on next call
         return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self):  # pickle / deepcopy: the derived tensors are rebuilt, not copied
         state = self.__dict__.copy()
-        state["_derived"], state["_paths"] = None, {}
+        state["_derived"] = None
         return state
 
     def _derive(self, path):
         """Tensors that ``path`` multiplies by, from the current weights (no gradient).
 
-        ``rs`` = ``[R; 0; S_kept; 0]`` with r and k rounded up to multiples of 8 (zero rows), so the GEMMs'
-        inner and output sizes stay multiples of 8; ``L`` gets matching zero columns. ``merged`` is the dense
-        ``L R + S``.
+        Row form: ``rs`` = ``[R; 0; S_kept; 0]`` with r and k rounded up to multiples of 8 (zero rows), so the
+        GEMMs' inner and output sizes stay multiples of 8; ``L`` gets matching zero columns. Column form:
+        ``R`` and ``L`` padded the same way, ``S_cols`` as it is (``onehot``: ``[R; 0; E; 0]`` and
+        ``[L | 0 | S_cols | 0]``). ``merged`` is the dense ``L R + S``.
         """
         L, R = self.left.weight.detach(), self.right.weight.detach()
-        S, idx = self.sparse_weight_pruned.detach(), self.nonzero_idx
+        cols = self.sparse_weight_pruned_cols is not None
+        S = (self.sparse_weight_pruned_cols if cols else self.sparse_weight_pruned).detach()
+        idx = self._kept_index()
         r, k = self.reduced_rank, idx.numel()
         if path == "merged":
             acc = torch.promote_types(L.dtype, torch.float32)  # bf16/fp16 weights: summed in fp32
-            return {"w": torch.mm(L.to(acc), R.to(acc)).index_add_(0, idx, S.to(acc)).to(L.dtype)}
+            return {"w": torch.mm(L.to(acc), R.to(acc)).index_add_(1 if cols else 0, idx, S.to(acc)).to(L.dtype)}
         r8, k8 = _ceil8(r), _ceil8(k)
-        rs = torch.cat([R, R.new_zeros(r8 - r, R.shape[1]), S, S.new_zeros(k8 - k, S.shape[1])])
         lpad = torch.cat([L, L.new_zeros(L.shape[0], r8 - r)], dim=1)
+        b_col = None if self.bias is None else self.bias.detach()[:, None]
+        if cols:
+            rpad = torch.cat([R, R.new_zeros(r8 - r, R.shape[1])])
+            if path == "onehot":  # E[j, idx[j]] = 1: x E^T = x[:, idx]
+                onehot = R.new_zeros(k8, R.shape[1])
+                onehot[torch.arange(k, device=idx.device), idx] = 1
+                return {"rs_t": torch.cat([rpad, onehot]).t(),
+                        "lp_t": torch.cat([lpad, S, S.new_zeros(S.shape[0], k8 - k)], dim=1).t(), "r8": r8, "k": k}
+            if path == "transposed":
+                return {"r": rpad, "l": lpad, "s": S, "b_col": b_col, "r8": r8, "k": k, "cols": True}
+            return {"r_t": rpad.t(), "l_t": lpad.t(), "s_t": S.t(), "r8": r8, "k": k, "cols": True}
+        rs = torch.cat([R, R.new_zeros(r8 - r, R.shape[1]), S, S.new_zeros(k8 - k, S.shape[1])])
         if path == "onehot":  # [L | P] with P[idx[j], j] = 1: the sparse rows' add becomes part of the GEMM
             onehot = L.new_zeros(L.shape[0], k8)
             onehot[idx, torch.arange(k, device=idx.device)] = 1
             return {"rs_t": rs.t(), "lp_t": torch.cat([lpad, onehot], dim=1).t(), "r8": r8, "k": k}
         if path == "transposed":
-            return {"rs": rs, "l": lpad, "b_col": None if self.bias is None else self.bias.detach()[:, None],
-                    "r8": r8, "k": k}
+            return {"rs": rs, "l": lpad, "b_col": b_col, "r8": r8, "k": k}
         return {"rs_t": rs.t(), "l_t": lpad.t(), "r8": r8, "k": k}
 
     def _path_for(self, x2):
-        """The path for this many tokens: ``compact_path`` if set, else the cheapest by :func:`_path_costs` on
-        CPU (deterministic) or by one quick timing per (device, dtype, shape, token bucket) on CUDA."""
+        """The path for this many tokens: ``compact_path`` if set, else the cheapest by :func:`_path_costs`
+        (deterministic, the same on every rank), or with ``path_choice = "timed"`` the fastest by one timing per
+        shape class (:func:`_timed_choice`); the choice is kept per token bucket (powers of two)."""
         if self.compact_path is not None:
-            if self.compact_path not in _COMPACT_FORWARDS:
-                raise ValueError(f"compact_path={self.compact_path!r}: allowed values are None, "
-                                 + ", ".join(map(repr, COMPACT_PATHS)))
             return self.compact_path
         n = x2.shape[0]
         bucket = max(1, n).bit_length()
-        paths = self.__dict__.setdefault("_paths", {})
-        if bucket in paths:
-            return paths[bucket]
+        state = self._derived_state()
+        if bucket in state.paths:
+            return state.paths[bucket]
         candidates = COMPACT_PATHS if self.prefer == "speed" else COMPACT_PATHS[:-1]
-        if x2.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
+        compiling = torch.compiler.is_compiling()
+        capturing = x2.is_cuda and torch.cuda.is_current_stream_capturing()
+        if self.path_choice == "timed" and not compiling and not capturing:
             path = _timed_choice(self, x2, candidates)
+            keep = set(state.paths.values()) | {path}
+            state.tensors = {p: d for p, d in state.tensors.items() if p in keep}  # only the chosen forms stay
         else:
-            costs = _path_costs(self.in_feature, self.out_feature, self.reduced_rank, self.nonzero_idx.numel(),
-                                1 << (bucket - 1), x2.element_size(), x2.device.type)
+            costs = _path_costs(self.in_feature, self.out_feature, self.reduced_rank, self._kept_index().numel(),
+                                1 << (bucket - 1), x2.element_size(), x2.device.type,
+                                cols=self.sparse_weight_pruned_cols is not None)
             path = min(candidates, key=costs.__getitem__)
-        if not torch.compiler.is_compiling():
-            paths[bucket] = path
+        if not compiling:
+            state.paths[bucket] = path
         return path
 
     # -- weights --------------------------------------------------------------------------------------
@@ -522,12 +760,17 @@ class LinearLoSparse(nn.Module):
             self.bias = nn.Parameter(bias, requires_grad=True)
 
     def prune_sparse(self):
-        """Compact S: keep the rows with any nonzero entry; drop the dense ``sparse`` module."""
+        """Compact S: keep the rows with any nonzero entry, or the columns with any nonzero entry when they
+        store fewer parameters (column-structured pruning); drop the dense ``sparse`` module."""
         if not self.has_sparse or self.is_compacted:
             return
         w = self.sparse.weight
-        idx = torch.nonzero((w != 0).any(dim=1)).flatten()
-        self._set_compact(w.detach()[idx].clone(), idx, requires_grad=w.requires_grad)
+        nz = w.detach() != 0
+        rows, cols = torch.nonzero(nz.any(dim=1)).flatten(), torch.nonzero(nz.any(dim=0)).flatten()
+        if rows.numel() * self.in_feature <= cols.numel() * self.out_feature:
+            self._set_compact(w.detach()[rows].clone(), rows, requires_grad=w.requires_grad)
+        else:
+            self._set_compact_cols(w.detach()[:, cols].clone(), cols, requires_grad=w.requires_grad)
 
     def _set_compact(self, rows, idx, requires_grad=True):
         if hasattr(self, "sparse"):
@@ -536,16 +779,27 @@ class LinearLoSparse(nn.Module):
         # DDP a trainable parameter without one stops the run).
         self.sparse_weight_pruned = nn.Parameter(rows, requires_grad=requires_grad and rows.numel() > 0)
         self.nonzero_idx = idx.to(device=rows.device, dtype=torch.long)
-        self._invalidate_derived()
+        self.refresh()
+
+    def _set_compact_cols(self, cols, idx, requires_grad=True):
+        """Column form: ``cols`` (out x k) are the columns ``idx`` of S."""
+        if hasattr(self, "sparse"):
+            del self.sparse
+        self.sparse_weight_pruned_cols = nn.Parameter(cols, requires_grad=requires_grad and cols.numel() > 0)
+        self.nonzero_col_idx = idx.to(device=cols.device, dtype=torch.long)
+        self.refresh()
 
     def merged_weight(self):
-        """The dense ``L @ R + S`` (out x in), in the layer's dtype."""
-        w = self.left.weight.float() @ self.right.weight.float()
+        """The dense ``L @ R + S`` (out x in), in the layer's dtype (summed in at least fp32)."""
+        acc = torch.promote_types(self.left.weight.dtype, torch.float32)
+        w = self.left.weight.to(acc) @ self.right.weight.to(acc)
         if self.has_sparse:
-            if self.is_compacted:
-                w.index_add_(0, self.nonzero_idx, self.sparse_weight_pruned.float())
+            if self.sparse_weight_pruned is not None:
+                w.index_add_(0, self.nonzero_idx, self.sparse_weight_pruned.to(acc))
+            elif self.sparse_weight_pruned_cols is not None:
+                w.index_add_(1, self.nonzero_col_idx, self.sparse_weight_pruned_cols.to(acc))
             else:
-                w += self.sparse.weight.float()
+                w += self.sparse.weight.to(acc)
         return w.to(self.left.weight.dtype)
 
 
@@ -637,25 +891,44 @@ def prune(module, prefer="speed"):
 
     ``prefer`` sets how the compacted layers run inference: ``"speed"`` (default) may multiply by the merged
     dense ``L R + S`` where that is faster (it then holds that matrix in memory too); ``"memory"`` never
-    builds it. Returns the number of layers compacted. Re-create the optimizer afterwards: the parameters
-    changed.
+    builds it. Each S keeps its nonzero rows, or its nonzero columns when those store less (column-structured
+    pruning). A layer whose S has neither a zero row nor a zero column (not pruned, or pruned unstructured)
+    gains nothing: it is named in a warning, and :func:`export_compact` stores it as one dense matrix when
+    that is smaller. Returns the number of
+    layers compacted. Re-create the optimizer afterwards: the parameters changed.
     """
     _refuse_sharded(module, "prune")
     _check_prefer(prefer)
-    layers = [m for m in module.modules() if isinstance(m, LinearLoSparse)]
-    for m in layers:
-        m.prune_sparse()
+    layers = [(n, m) for n, m in module.named_modules() if isinstance(m, LinearLoSparse)]
+    no_gain = []
+    for name, m in layers:
+        if m.has_sparse and not m.is_compacted:
+            m.prune_sparse()
+            form, kept, _ = m._sparse_form()
+            if kept == (m.out_feature if form == "rows" else m.in_feature):
+                no_gain.append(name)
         m.prefer = prefer
-        m._invalidate_derived()
+    if no_gain:
+        logger.warning("LoSparse: %d layer(s) kept every row and every column of S (not pruned, or pruned "
+                       "unstructured: --structured_method none): compaction saves nothing there, and export_compact "
+                       "stores those whose L, R and S outsize the dense matrix as dense: %s", len(no_gain),
+                       ", ".join(no_gain[:10]) + (" ..." if len(no_gain) > 10 else ""))
     logger.info("LoSparse: compacted %d layers", len(layers))
     return len(layers)
 
 
+def refresh(module):
+    """Call :meth:`LinearLoSparse.refresh` on every LoSparse layer of ``module`` ("the weights changed in a way
+    PyTorch does not version", e.g. through ``.data``); returns the number of layers."""
+    layers = [m for m in module.modules() if isinstance(m, LinearLoSparse)]
+    for m in layers:
+        m.refresh()
+    return len(layers)
+
+
 # Inference preparation: derived tensors held as buffers, for torch.compile and CUDA graphs --------------------
-# The tensors each path of COMPACT_PATHS multiplies by (see LinearLoSparse._derive), held as non-persistent
-# buffers named _prepared_<key>.
-_PREPARED_KEYS = {"fused": ("rs_t", "l_t"), "transposed": ("rs", "l", "b_col"), "onehot": ("rs_t", "lp_t"),
-                  "merged": ("w",)}
+# The tensors of the prepared form (LinearLoSparse._derive) are non-persistent buffers named _prepared_<key>; the
+# non-tensor entries (padded sizes, row or column form) are kept in the layer's __dict__.
 _PREPARED_PREFIX = "_prepared_"
 PREPARE_TOKENS = 4096  # rows per call a path is chosen for by default (BERT b32 x 128)
 
@@ -713,49 +986,41 @@ def _choose_path(layer, tokens):
     return path
 
 
-def _prepared_key(layer):
-    return tuple((t.data_ptr(), t._version) for t in (layer.left.weight, layer.right.weight,
-                                                       layer.sparse_weight_pruned, layer.nonzero_idx, layer.bias)
-                 if t is not None)
-
-
 def _refresh_prepared(layer):
     """Re-derive the prepared path's tensors into the layer's buffers: in place when shape, dtype and device
     hold (a compiled graph or a CUDA graph keeps reading the same storage), else as new buffers."""
-    path = layer._prepared_path
-    keys = _PREPARED_KEYS[path]
-    for name in [b for b in layer._buffers if b.startswith(_PREPARED_PREFIX)]:
-        if name[len(_PREPARED_PREFIX):] not in keys:  # another path's, from an earlier preparation
-            del layer._buffers[name]
     with torch.inference_mode(False), torch.no_grad():
-        d = layer._derive(path)
+        d = layer._derive(layer._prepared_path)
+        tensors = {key: t for key, t in d.items() if torch.is_tensor(t)}
+        for name in [b for b in layer._buffers if b.startswith(_PREPARED_PREFIX)]:
+            if name[len(_PREPARED_PREFIX):] not in tensors:  # another path's, from an earlier preparation
+                del layer._buffers[name]
         params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-        for key in keys:
-            t, name = d[key], _PREPARED_PREFIX + key
-            if t is not None and t.untyped_storage().data_ptr() in params:
+        for key, t in tensors.items():
+            name = _PREPARED_PREFIX + key
+            if t.untyped_storage().data_ptr() in params:
                 t = t.clone()  # a view of a parameter (the bias column): a buffer of its own
             buf = layer._buffers.get(name)
-            if (buf is not None and t is not None and buf.shape == t.shape and buf.dtype == t.dtype
-                    and buf.device == t.device):
+            if buf is not None and buf.shape == t.shape and buf.dtype == t.dtype and buf.device == t.device:
                 buf.copy_(t)
             else:
                 layer.register_buffer(name, t, persistent=False)
-    layer._prepared_r8, layer._prepared_k = d.get("r8"), d.get("k")
-    layer.__dict__["_prepared_key"] = _prepared_key(layer)
+    layer.__dict__["_prepared_meta"] = {key: v for key, v in d.items() if key not in tensors}
+    layer.__dict__["_prepared_key"] = layer._derived_key()
 
 
 def _prepared_forward(layer, x):
     """Compacted inference on the buffers of :func:`prepare_for_inference`; eager calls refresh stale ones."""
     if not torch.compiler.is_compiling() and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-        if layer.__dict__.get("_prepared_key") != _prepared_key(layer):
+        if not layer._key_holds(layer.__dict__.get("_prepared_key")):
             _refresh_prepared(layer)
     path = layer._prepared_path
-    d = {key: getattr(layer, _PREPARED_PREFIX + key) for key in _PREPARED_KEYS[path]}
-    d["r8"], d["k"] = layer._prepared_r8, layer._prepared_k
+    d = dict(layer.__dict__["_prepared_meta"])
+    d.update({name[len(_PREPARED_PREFIX):]: t for name, t in layer._buffers.items() if name.startswith(_PREPARED_PREFIX)})
     layer.last_path = path
     shape = x.shape
     x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
-    y = _COMPACT_FORWARDS[path](x2, d, layer.nonzero_idx, layer.bias)
+    y = _COMPACT_FORWARDS[path](x2, d, layer._kept_index(), layer.bias)
     return y if x.dim() == 2 else y.view(*shape[:-1], layer.out_feature)
 
 
@@ -842,6 +1107,7 @@ class Pruner(object):
         self._nonfinite = None  # device counter of skipped updates (read only at mask steps: no sync)
         self._nonfinite_reported = 0
         self._row_sharded, self._sharded_weights = {}, None  # FSDP2 (see _ensure_stats, _sharded_threshold)
+        self._frozen_reported = set()
         self._check_sharding(model)
 
     # -- which parameters, which axis -----------------------------------------------------------------
@@ -851,7 +1117,19 @@ class Pruner(object):
         return not any(nd in n for nd in self.non_mask_name)
 
     def _masked_params(self, model):
-        return [(_clean_name(n), p) for n, p in model.named_parameters() if self.whether_mask_para(_clean_name(n))]
+        """The masked matrices that train. A frozen one (``requires_grad=False``) has no importance score: it is
+        left out of the budget and of the masking (said once in the log)."""
+        params, frozen = [], []
+        for n, p in model.named_parameters():
+            n = _clean_name(n)
+            if self.whether_mask_para(n):
+                (params if p.requires_grad else frozen).append((n, p))
+        new = sorted({n for n, _ in frozen} - self._frozen_reported)
+        if new:
+            logger.info("Pruner: %d frozen matrices (requires_grad=False) are not pruned and not counted in the "
+                        "budget: %s", len(new), ", ".join(new[:10]) + (" ..." if len(new) > 10 else ""))
+            self._frozen_reported.update(new)
+        return params
 
     def _axis(self, name, p):
         """Dimension that is reduced: 1 -> one score per row, 0 -> per column, None -> element-wise."""
@@ -960,7 +1238,7 @@ class Pruner(object):
         """Accumulate ``|p * grad|`` over the window; at its start, fold the last window into the EMA."""
         if self.pruner_name == "Magnitude":
             return  # the score is |p| at mask time
-        masked = [(n, p) for n, p in self._masked_params(model) if p.requires_grad]
+        masked = self._masked_params(model)
         grads = {n: p.grad for n, p in masked if p.grad is not None}
         if not grads:
             if masked:
@@ -1378,12 +1656,16 @@ def _layer_for(sd, prefix, in_f, out_f, has_bias, like):
     """Build a LinearLoSparse shaped like the checkpoint entries under ``prefix``."""
     rank = sd[prefix + "left.weight"].shape[1]
     compact = prefix + "sparse_weight_pruned" in sd
-    has_sparse = compact or prefix + "sparse.weight" in sd
+    cols = prefix + "sparse_weight_pruned_cols" in sd
+    has_sparse = compact or cols or prefix + "sparse.weight" in sd
     kw = {"device": like.device, "dtype": like.dtype}
     layer = LinearLoSparse(in_f, out_f, rank, has_bias=has_bias, has_sparse=has_sparse, **kw)
     if compact:
         k = sd[prefix + "sparse_weight_pruned"].shape[0]
         layer._set_compact(torch.zeros(k, in_f, **kw), torch.zeros(k, dtype=torch.long, device=like.device))
+    elif cols:
+        k = sd[prefix + "sparse_weight_pruned_cols"].shape[1]
+        layer._set_compact_cols(torch.zeros(out_f, k, **kw), torch.zeros(k, dtype=torch.long, device=like.device))
     return layer
 
 
@@ -1483,6 +1765,11 @@ def save_checkpoint(model, path):
     return path
 
 
+def _sparse_stored(layer_entry):
+    """Stored parameters of a report entry's S: its kept rows, or kept columns for the column form."""
+    return layer_entry.get("sparse_params", layer_entry["kept_rows"] * layer_entry["in_features"])
+
+
 class CompressionReport:
     """What STEP 1 replaced and what is left of it. ``str(report)`` is a printable table."""
 
@@ -1490,7 +1777,7 @@ class CompressionReport:
         self.layers = layers
         self.dense_params = sum(l["out_features"] * l["in_features"] for l in layers)
         self.low_rank_params = sum(l["rank"] * (l["out_features"] + l["in_features"]) for l in layers)
-        self.sparse_params = sum(l["kept_rows"] * l["in_features"] for l in layers)
+        self.sparse_params = sum(_sparse_stored(l) for l in layers)  # kept rows, or columns where fewer
         self.effective_ratio = ((self.low_rank_params + self.sparse_params) / self.dense_params
                                 if self.dense_params else 1.0)
         self.model_params = model_params
@@ -1507,7 +1794,7 @@ class CompressionReport:
     def table(self):
         lines = [f"{'layer':<60} {'out':>6} {'in':>6} {'rank':>5} {'rows':>6} {'ratio':>7}  path"]
         for l in self.layers:
-            ratio = (l["rank"] * (l["out_features"] + l["in_features"]) + l["kept_rows"] * l["in_features"]) / \
+            ratio = (l["rank"] * (l["out_features"] + l["in_features"]) + _sparse_stored(l)) / \
                     (l["out_features"] * l["in_features"])
             lines.append(f"{l['name'][-60:]:<60} {l['out_features']:>6} {l['in_features']:>6} {l['rank']:>5} "
                          f"{l['kept_rows']:>6} {ratio:>7.2%}  {l.get('path', '')}")
@@ -1539,7 +1826,8 @@ def _layer_path(m):
         return m._prepared_path
     if m.compact_path is not None:
         return m.compact_path
-    paths = sorted(m.__dict__.get("_paths", {}).items())
+    state = m.__dict__.get("_derived")
+    paths = sorted(state.paths.items()) if state is not None else []
     if not paths:  # under torch.compile the choice is not stored; the latest call's is known
         return m.last_path or "pending"
     parts = [p if b == paths[-1][0] else f"{p}<={(1 << b) - 1}" for b, p in paths]
@@ -1564,8 +1852,10 @@ def compression_report(model, export_dir=None):
     in_losparse = set()
     for name, m in target.named_modules():
         if isinstance(m, LinearLoSparse):
+            form, kept, stored = m._sparse_form()
             layers.append({"name": name, "out_features": m.out_feature, "in_features": m.in_feature,
-                           "rank": m.reduced_rank, "kept_rows": m.kept_rows, "path": _layer_path(m)})
+                           "rank": m.reduced_rank, "kept_rows": m.kept_rows, "path": _layer_path(m),
+                           "sparse_form": form, "kept": kept, "sparse_params": stored})
             for p in m.parameters():
                 in_losparse.add(id(p))
     other = 0
@@ -1615,9 +1905,11 @@ def export_compact(model, output_dir, tokenizer=None, losparse_args=None):
     """Write a directory that :func:`load_compact` rebuilds without the dense model, SVD or network, and that
     plain transformers loads with ``AutoModelFor...from_pretrained(output_dir, trust_remote_code=True)``.
 
-    Holds ``model.safetensors`` with only L, R, the kept rows of S (``sparse_weight_pruned`` +
-    ``nonzero_idx``), biases and the untouched weights; ``losparse_config.json`` (per-layer form, rank, kept
-    rows; the LoSparse flags); the tokenizer if given. For a transformers model also: ``config.json`` of
+    Holds ``losparse_model.safetensors`` with only L, R, the kept rows of S (``sparse_weight_pruned`` +
+    ``nonzero_idx``; form ``losparse``) or, for a column-pruned S, its kept columns (``sparse_weight_pruned_cols``,
+    out x k, + ``nonzero_col_idx``; form ``losparse_cols``), biases and the untouched weights;
+    ``losparse_config.json`` (per-layer form, rank, kept rows or columns; the LoSparse flags); the tokenizer if
+    given. For a transformers model also: ``config.json`` of
     ``model_type`` ``"losparse"`` (the model's own config under ``base_config``, an ``auto_map`` to
     ``modeling_losparse.py``, copied from ``remote_code/``), so transformers refuses the folder without
     ``trust_remote_code`` instead of returning a randomly initialised model; ``generation_config.json`` for
@@ -1641,11 +1933,19 @@ def export_compact(model, output_dir, tokenizer=None, losparse_args=None):
         p = name + "."
         entry = {"in_features": m.in_feature, "out_features": m.out_feature, "rank": m.reduced_rank,
                  "has_bias": m.has_bias}
-        if m.has_sparse and m.is_compacted:
-            rows, idx = m.sparse_weight_pruned, m.nonzero_idx
-        elif m.has_sparse:
-            idx = torch.nonzero((m.sparse.weight != 0).any(dim=1)).flatten()
-            rows = m.sparse.weight[idx]
+        form = m._sparse_form()[0] if m.has_sparse else None
+        if form == "cols":  # column form: new keys, the row keys stay those of the original
+            rows, idx = (m.sparse_weight_pruned_cols, m.nonzero_col_idx) if m.is_compacted else (None, None)
+            if idx is None:
+                idx = torch.nonzero((m.sparse.weight != 0).any(dim=0)).flatten()
+                rows = m.sparse.weight[:, idx]
+            keys = ("sparse_weight_pruned_cols", "nonzero_col_idx")
+        elif form == "rows":
+            rows, idx = (m.sparse_weight_pruned, m.nonzero_idx) if m.is_compacted else (None, None)
+            if idx is None:
+                idx = torch.nonzero((m.sparse.weight != 0).any(dim=1)).flatten()
+                rows = m.sparse.weight[idx]
+            keys = ("sparse_weight_pruned", "nonzero_idx")
         else:
             rows, idx = None, None
         k = 0 if idx is None else idx.numel()
@@ -1656,9 +1956,12 @@ def export_compact(model, output_dir, tokenizer=None, losparse_args=None):
             tensors[p + "left.weight"] = m.left.weight
             tensors[p + "right.weight"] = m.right.weight
             if k:
-                tensors[p + "sparse_weight_pruned"] = rows
-                tensors[p + "nonzero_idx"] = idx
-            entry.update(form="losparse" if k else "low_rank", kept_rows=k)
+                tensors[p + keys[0]] = rows
+                tensors[p + keys[1]] = idx
+            if k and form == "cols":
+                entry.update(form="losparse_cols", kept_cols=k, kept_rows=m.out_feature)
+            else:
+                entry.update(form="losparse" if k else "low_rank", kept_rows=k)
         if m.has_bias:
             tensors[p + "bias"] = m.bias
         layers[name] = entry
@@ -1785,17 +2088,19 @@ def _compact_base_config(out):
 
 
 def _check_kept_rows(sd, layers, where):
+    """Refuse kept-row (or kept-column) indices that are not distinct integers within the layer's size."""
     for name, entry in layers.items():
-        if entry["form"] != "losparse":
+        if entry["form"] not in ("losparse", "losparse_cols"):
             continue
-        idx = sd.get(name + ".nonzero_idx")
+        key, n, what = ((".nonzero_idx", entry["out_features"], "row") if entry["form"] == "losparse" else
+                        (".nonzero_col_idx", entry["in_features"], "column"))
+        idx = sd.get(name + key)
         if idx is None:
             continue  # reported as a missing key
-        n = entry["out_features"]
         if (idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.dim() != 1
                 or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n))
                 or idx.unique().numel() != idx.numel()):
-            raise CheckpointMismatchError(f"{where}: {name}.nonzero_idx must hold distinct row indices in "
+            raise CheckpointMismatchError(f"{where}: {name}{key} must hold distinct {what} indices in "
                                           f"[0, {n}); found {idx.tolist()[:10]}")
 
 
@@ -1830,12 +2135,19 @@ def load_compact(output_dir, model_class=None, device=None, dtype=None, prefer="
         if entry["form"] == "dense":
             continue
         like = model.get_submodule(name).weight
+        if entry["form"] not in ("losparse", "losparse_cols", "low_rank"):
+            raise CheckpointMismatchError(f"{out / COMPACT_CONFIG}: layer {name} has form {entry['form']!r}; allowed "
+                                          "values are 'dense', 'losparse', 'losparse_cols', 'low_rank'")
         layer = LinearLoSparse(entry["in_features"], entry["out_features"], entry["rank"],
-                               has_bias=entry["has_bias"], has_sparse=entry["form"] == "losparse",
+                               has_bias=entry["has_bias"], has_sparse=entry["form"] != "low_rank",
                                device=like.device, dtype=like.dtype)
         if entry["form"] == "losparse":
             k = entry["kept_rows"]
             layer._set_compact(torch.zeros(k, entry["in_features"], dtype=like.dtype), torch.zeros(k, dtype=torch.long))
+        elif entry["form"] == "losparse_cols":
+            k = entry["kept_cols"]
+            layer._set_compact_cols(torch.zeros(entry["out_features"], k, dtype=like.dtype),
+                                    torch.zeros(k, dtype=torch.long))
         layer.prefer = prefer
         _set_submodule(model, name, layer)
     for k, src in meta.get("tied", {}).items():
@@ -2050,6 +2362,9 @@ def apply_fsdp2(model, accelerator=None, **fully_shard_kwargs):
     for block in blocks:
         fully_shard(block, mesh=mesh, **kwargs)
     fully_shard(model, mesh=mesh, **kwargs)
+    for m in model.modules():  # FSDP2 re-gathers parameters into the same storage without bumping their versions
+        if isinstance(m, LinearLoSparse):
+            m.cache_derived = False
     if callable(getattr(model, "generate", None)):  # generate() calls the encoder directly: gather the root first
         register_fsdp_forward_method(model, "generate")
     _UNSHARDED[model] = skeleton

@@ -12,6 +12,7 @@ loads the weights strictly. The model returned is a subclass of the source class
 import logging
 import os
 import shutil
+import weakref
 from pathlib import Path
 
 import torch
@@ -58,65 +59,98 @@ class LoSparseConfig(PretrainedConfig):
 
 
 class LoSparseCompactLinear(nn.Module):
-    """``y = x R^T L^T + b``, plus ``x S_kept^T`` added at output positions ``nonzero_idx`` (LoSparse's "fused"
-    form: one GEMM by ``[R; S_kept]`` with r and k padded to multiples of 8, one by L, one ``index_add_``).
+    """``y = x R^T L^T + b`` plus the kept part of S (LoSparse's "fused" form, r and k padded to multiples of 8).
 
-    ``left`` = L (out x r), ``right`` = R (r x in), ``sparse_weight_pruned`` = the k kept rows of S (k x in),
-    ``nonzero_idx`` = their rows (k). ``kept_rows=0``: no S (``y = x R^T L^T + b``).
+    ``left`` = L (out x r), ``right`` = R (r x in). Row form (``kept_rows`` = k): ``sparse_weight_pruned`` = the
+    k kept rows of S (k x in) at output positions ``nonzero_idx``: one GEMM by ``[R; S_kept]``, one by L, one
+    ``index_add_``. Column form (``kept_cols`` = k): ``sparse_weight_pruned_cols`` = the k kept columns of S
+    (out x k) at input positions ``nonzero_col_idx``: ``y += x[:, idx] S_cols^T``. Neither: ``y = x R^T L^T + b``.
     """
 
-    def __init__(self, in_features, out_features, rank, kept_rows=0, has_bias=True, device=None, dtype=None):
+    def __init__(self, in_features, out_features, rank, kept_rows=0, has_bias=True, device=None, dtype=None,
+                 kept_cols=0):
         super().__init__()
+        if kept_rows and kept_cols:
+            raise ValueError("LoSparseCompactLinear: kept_rows and kept_cols exclude each other")
         kw = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features, self.rank, self.kept_rows = in_features, out_features, rank, kept_rows
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.kept_rows, self.kept_cols = kept_rows, kept_cols
         self.right = nn.Linear(in_features, rank, bias=False, **kw)
         self.left = nn.Linear(rank, out_features, bias=False, **kw)
         if kept_rows:
             self.sparse_weight_pruned = nn.Parameter(torch.empty(kept_rows, in_features, **kw))
             self.register_buffer("nonzero_idx", torch.arange(kept_rows, device=device))
+        if kept_cols:
+            self.sparse_weight_pruned_cols = nn.Parameter(torch.empty(out_features, kept_cols, **kw))
+            self.register_buffer("nonzero_col_idx", torch.arange(kept_cols, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if has_bias else None
         self._cache = None
 
     def extra_repr(self):
+        kept = f"kept_cols={self.kept_cols}" if self.kept_cols else f"kept_rows={self.kept_rows}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"kept_rows={self.kept_rows}, bias={self.bias is not None}")
+                f"{kept}, bias={self.bias is not None}")
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .half(): the padded copies are rebuilt on next use
         self._cache = None
         return super()._apply(fn, *args, **kwargs)
 
+    def _sources(self):
+        S = self.sparse_weight_pruned if self.kept_rows else self.sparse_weight_pruned_cols
+        return [t for t in (self.left.weight, self.right.weight, S) if t is not None]
+
+    @staticmethod
+    def _stamp(t):  # inference tensors (built under torch.inference_mode) have no version counter
+        return (weakref.ref(t), None if t.is_inference() else t._version, t.data_ptr(), tuple(t.shape), t.dtype)
+
     def _padded(self):
-        """``[R; 0; S_kept; 0]^T`` and ``[L | 0]^T`` (r, k rounded up to multiples of 8), cached while no weight
-        changes (version counters) and no gradient is needed."""
-        L, R = self.left.weight, self.right.weight
-        S = self.sparse_weight_pruned
-        src = (L, R, S, self.nonzero_idx)
-        key = tuple((t.data_ptr(), t._version) for t in src)
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (L, R, S))
-        if not grad and self._cache is not None and self._cache[0] == key:
+        """The padded tensors the forward multiplies by, cached while the weights are the same tensors, unmodified
+        (weak references and version counters) and no gradient is needed. Call :meth:`refresh` after editing
+        weights through ``.data``."""
+        src = self._sources()
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in src)
+        if not grad and self._cache is not None and all(
+                ref() is t and stamp == self._stamp(t)[1:] for (ref, *stamp), t in zip(self._cache[0], src)):
             return self._cache[1]
-        r, k = L.shape[1], S.shape[0]
-        r8, k8 = -(-r // 8) * 8, -(-k // 8) * 8
+        L, R = self.left.weight, self.right.weight
+        r = L.shape[1]
+        r8 = -(-r // 8) * 8
         with torch.inference_mode(False):
             if not grad:
-                L, R, S = L.detach(), R.detach(), S.detach()
-            rs = torch.cat([R, R.new_zeros(r8 - r, R.shape[1]), S, S.new_zeros(k8 - k, S.shape[1])])
+                L, R = L.detach(), R.detach()
             lpad = torch.cat([L, L.new_zeros(L.shape[0], r8 - r)], dim=1)
-            d = (rs.t(), lpad.t(), r8, k)
+            if self.kept_cols:
+                S = self.sparse_weight_pruned_cols if grad else self.sparse_weight_pruned_cols.detach()
+                d = (torch.cat([R, R.new_zeros(r8 - r, R.shape[1])]).t(), lpad.t(), S.t(), r8)
+            elif self.kept_rows:
+                S = self.sparse_weight_pruned if grad else self.sparse_weight_pruned.detach()
+                k = S.shape[0]
+                k8 = -(-k // 8) * 8
+                rs = torch.cat([R, R.new_zeros(r8 - r, R.shape[1]), S, S.new_zeros(k8 - k, S.shape[1])])
+                d = (rs.t(), lpad.t(), None, r8)
+            else:
+                d = (R.t(), L.t(), None, r)
         if not grad:
-            self._cache = (key, d)
+            self._cache = ([self._stamp(t) for t in src], d)
         return d
 
+    def refresh(self):
+        """Forget the padded copies (after an edit of the weights that PyTorch does not version, e.g. ``.data``)."""
+        self._cache = None
+
     def forward(self, x):
-        if not self.kept_rows:
+        if not (self.kept_rows or self.kept_cols):
             return F.linear(F.linear(x, self.right.weight), self.left.weight, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        rs_t, l_t, r8, k = self._padded()
-        t = torch.mm(x2, rs_t)
+        first_t, l_t, s_t, r8 = self._padded()
+        t = torch.mm(x2, first_t)
         h = t[:, :r8]
         y = torch.mm(h, l_t) if self.bias is None else torch.addmm(self.bias, h, l_t)
-        y.index_add_(1, self.nonzero_idx, t[:, r8:r8 + k])
+        if self.kept_cols:
+            y.addmm_(x2.index_select(1, self.nonzero_col_idx), s_t)
+        else:
+            y.index_add_(1, self.nonzero_idx, t[:, r8:r8 + self.kept_rows])
         return y.view(*shape[:-1], self.out_features)
 
 
@@ -166,9 +200,9 @@ def _build(entry, config, dtype=None, empty=False, **build_kwargs):
     for name, e in config.losparse_layers.items():
         if e.get("form") == "dense":
             continue  # stored as the layer's own weight
-        if e.get("form") not in ("losparse", "low_rank"):
+        if e.get("form") not in ("losparse", "losparse_cols", "low_rank"):
             raise ValueError(f"{CONFIG_NAME}: losparse_layers[{name!r}] has form {e.get('form')!r}; allowed: "
-                             "'losparse', 'low_rank', 'dense'")
+                             "'losparse', 'losparse_cols', 'low_rank', 'dense'")
         try:
             old = model.get_submodule(name)
         except AttributeError as err:
@@ -176,7 +210,8 @@ def _build(entry, config, dtype=None, empty=False, **build_kwargs):
         like = next(old.parameters())
         new = LoSparseCompactLinear(int(e["in_features"]), int(e["out_features"]), int(e["rank"]),
                                     int(e["kept_rows"]) if e["form"] == "losparse" else 0, bool(e["has_bias"]),
-                                    device=like.device, dtype=like.dtype)
+                                    device=like.device, dtype=like.dtype,
+                                    kept_cols=int(e["kept_cols"]) if e["form"] == "losparse_cols" else 0)
         if not empty:
             with torch.no_grad():
                 for t in new.parameters():
@@ -206,12 +241,14 @@ def _check_and_fill(model, sd, config, weights_file):
                 parts.append(f"{title} ({len(keys)}): " + ", ".join(keys[:10]) + (" ..." if len(keys) > 10 else ""))
         raise ValueError("\n".join(parts))
     for name, m in model.named_modules():
-        if isinstance(m, LoSparseCompactLinear) and m.kept_rows:
-            idx = sd[name + ".nonzero_idx"]
+        if isinstance(m, LoSparseCompactLinear) and (m.kept_rows or m.kept_cols):
+            key, k, n, what = ((".nonzero_idx", m.kept_rows, m.out_features, "row") if m.kept_rows else
+                               (".nonzero_col_idx", m.kept_cols, m.in_features, "column"))
+            idx = sd[name + key]
             if (idx.dtype.is_floating_point or idx.dtype == torch.bool or (idx.numel() and (
-                    int(idx.min()) < 0 or int(idx.max()) >= m.out_features)) or idx.unique().numel() != idx.numel()):
-                raise ValueError(f"{where}: {name}.nonzero_idx must hold {m.kept_rows} distinct row indices in "
-                                 f"[0, {m.out_features}); found {idx.tolist()[:10]}...")
+                    int(idx.min()) < 0 or int(idx.max()) >= n)) or idx.unique().numel() != idx.numel()):
+                raise ValueError(f"{where}: {name}{key} must hold {k} distinct {what} indices in "
+                                 f"[0, {n}); found {idx.tolist()[:10]}...")
 
 
 class _LoSparseSaving:
@@ -232,6 +269,8 @@ class _LoSparseSaving:
                 layers[name] = {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
                                 "has_bias": m.bias is not None, "kept_rows": m.kept_rows,
                                 "form": "losparse" if m.kept_rows else "low_rank"}
+                if m.kept_cols:
+                    layers[name].update(form="losparse_cols", kept_cols=m.kept_cols, kept_rows=m.out_features)
         old = self.losparse_config
         layers.update({n: e for n, e in old.losparse_layers.items() if e.get("form") == "dense"})
         flat = {}

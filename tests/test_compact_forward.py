@@ -109,9 +109,9 @@ def test_derived_tensors_are_built_once_and_are_not_state():
     x = torch.randn(4, IN)
     with torch.no_grad():
         layer(x)
-        first = layer.__dict__["_derived"]["fused"]["rs_t"]
+        first = layer.__dict__["_derived"].tensors["fused"]["rs_t"]
         layer(x)
-        assert layer.__dict__["_derived"]["fused"]["rs_t"] is first  # reused, not rebuilt
+        assert layer.__dict__["_derived"].tensors["fused"]["rs_t"] is first  # reused, not rebuilt
     assert set(layer.state_dict()) == keys == {"left.weight", "right.weight", "bias", "sparse_weight_pruned",
                                                 "nonzero_idx"}
     assert not any(b is first for b in layer.buffers())
@@ -159,7 +159,7 @@ def test_training_takes_the_autograd_path():
     layer.last_path = None
     layer(torch.randn(4, IN)).sum().backward()
     assert layer.last_path is None and layer.sparse_weight_pruned.grad is not None
-    assert layer.__dict__.get("_derived") is None
+    assert not layer.__dict__.get("_derived")  # nothing derived
 
 
 # -------------------------------------------------------------------------------------- path choice
@@ -179,18 +179,16 @@ def test_prefer_memory_never_builds_the_dense_weight():
     with pytest.raises(ValueError, match="prefer='fast'.*'speed', 'memory'"):
         utils.prune(nn.Sequential(), prefer="fast")
     bad = make_layer(3).eval()
-    bad.compact_path = "dense"
-    with pytest.raises(ValueError, match="compact_path='dense'.*'fused'"), torch.no_grad():
-        bad(torch.randn(2, IN))
+    with pytest.raises(ValueError, match="compact_path='dense'.*'fused'"):  # when set, before any call
+        bad.compact_path = "dense"
     dense_rows = make_layer(OUT).eval()  # all rows kept: "speed" takes the merged weight
     with torch.no_grad():
         x = torch.randn(64, IN)
         dense_rows(x)
         assert dense_rows.last_path == "merged"
         dense_rows.prefer = "memory"
-        dense_rows._invalidate_derived()
         dense_rows(x)
-        assert dense_rows.last_path != "merged" and "merged" not in dense_rows.__dict__["_derived"]
+        assert dense_rows.last_path != "merged" and "merged" not in dense_rows.__dict__["_derived"].tensors
         torch.testing.assert_close(dense_rows(x).double(), reference(dense_rows, x), **TOL[torch.float32])
 
 

@@ -164,7 +164,11 @@ for name, (kwargs, flags) in CONFIGS.items():
                           "zeros": {n: utils._local(p).detach() == 0 for n, p in model.named_parameters()
                                     if n.endswith("sparse.weight")}})
         runs[mode] = {"steps": steps, "state": pruner.state_dict(),
-                      "weights": {n: full(p) for n, p in model.named_parameters()}}
+                      "weights": {n: full(p) for n, p in model.named_parameters()},
+                      # a repr on one rank only: it must not run a collective (it would hang here)
+                      "repr": repr(model) if rank == 0 else None,
+                      "cache_derived": [m.cache_derived for m in model.modules()
+                                        if isinstance(m, utils.LinearLoSparse)]}
     results[name] = runs
 torch.save({"world_size": world, "results": results}, os.path.join(out, f"rank{rank}.pt"))
 '''
@@ -275,9 +279,13 @@ def test_pruner_on_row_shards_matches_one_process(assets, tmp_path, monkeypatch)
                 for n in b["zeros"]:  # the rows of rank 0 then rank 1: the masks of one process
                     assert torch.equal(torch.cat([r["steps"][step]["zeros"][n] for r in ranks]), b["zeros"][n]), \
                         (name, mode, step, n)
+        assert one["cache_derived"] and all(one["cache_derived"]) and "sparse_rows=" in one["repr"]
         for rank, r in enumerate(shards):
             for mode in r["results"][name]:
                 run = r["results"][name][mode]
+                # FSDP2 re-gathers parameters at version 0: compacted layers must not cache derived tensors
+                assert run["cache_derived"] and not any(run["cache_derived"]), name
+                assert rank or "sparse_rows=sharded" in run["repr"]
                 for k, w in one["weights"].items():
                     assert torch.allclose(run["weights"][k], w, atol=1e-6, rtol=0), (name, k)
                 for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):  # gathered: the single-process layout

@@ -52,15 +52,21 @@ def _model(family):
 
 
 def _compress(model):
-    """STEP 1, a third of each S's rows kept (every third), compacted; the export's layers are all 'losparse'."""
+    """STEP 1, then every other layer keeps a third of its S's rows (form 'losparse') and the others a quarter of
+    its columns (column-structured pruning: form 'losparse_cols'); compacted."""
     utils.substitute_layer_weights(model, ALLOW, BLOCK, parameter_ratio=0.1)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, utils.LinearLoSparse):
+        layers = [m for m in model.modules() if isinstance(m, utils.LinearLoSparse)]
+        for i, m in enumerate(layers):
+            if i % 2:
+                m.sparse.weight.mul_((torch.arange(m.in_feature) % 4 == 0)[None, :].float())
+            else:
                 m.sparse.weight.mul_((torch.arange(m.out_feature) % 3 == 0)[:, None].float())
-                if m.has_bias:
-                    m.bias.normal_()
+            if m.has_bias:
+                m.bias.normal_()
     utils.prune(model)
+    forms = {m.sparse_weight_pruned_cols is not None for m in layers}
+    assert forms == {True, False}, "both compact forms must be exported"
     return model.eval()
 
 

@@ -158,32 +158,64 @@ def test_unknown_family_needs_allow_name():
 # ----------------------------------------------------------------------------------------------------
 # Generation with a compacted model
 # ----------------------------------------------------------------------------------------------------
-def test_compacted_greedy_generation_equals_uncompacted(tmp_path):
+# Every compact form is run: the cost model's choice under both ``prefer`` values, and each form forced.
+FORM_CASES = [("speed", None), ("memory", None)] + [("speed", p) for p in utils.COMPACT_PATHS]
+
+
+@pytest.fixture(scope="module")
+def generation_models(tmp_path_factory):
+    """A LoSparse LLaMA as pruning leaves it (rows or columns of S zeroed), its greedy continuation, its
+    compacted self and its export reloaded."""
     from transformers import AutoModelForCausalLM
 
     model = build("llama", seed=3)
     utils.substitute_layer_weights(model, *run_clm.losparse_lists(model.config), parameter_ratio=0.1)
-    # What pruning leaves: about 70 % of the rows of each S are zero, some layers keep none.
+    # What pruning leaves: about 70 % of the rows (or, every third layer, of the columns) of each S are zero,
+    # some layers keep none.
     g = torch.Generator().manual_seed(0)
     for i, m in enumerate(l for l in model.modules() if isinstance(l, utils.LinearLoSparse)):
-        keep = torch.rand(m.out_feature, generator=g) < (0.0 if i == 3 else 0.3)
-        m.sparse.weight.data[~keep] = 0
+        if i % 3 == 1:
+            keep = torch.rand(m.in_feature, generator=g) < 0.3
+            m.sparse.weight.data[:, ~keep] = 0
+        else:
+            keep = torch.rand(m.out_feature, generator=g) < (0.0 if i == 3 else 0.3)
+            m.sparse.weight.data[~keep] = 0
     prompt = torch.tensor([[2, 40, 51, 62, 73, 84], [2, 90, 91, 92, 93, 94]])
     gen = dict(max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=0)
     with torch.no_grad():
         reference = model.generate(input_ids=prompt, **gen)
         ref_logits = model(input_ids=reference).logits
-    utils.export_compact(model, tmp_path / "compact")
+    out = tmp_path_factory.mktemp("gen") / "compact"
+    utils.export_compact(model, out)
     utils.prune(model)
-    assert all(m.is_compacted for m in model.modules() if isinstance(m, utils.LinearLoSparse))
-    loaded = utils.load_compact(tmp_path / "compact", AutoModelForCausalLM)
+    loaded = utils.load_compact(out, AutoModelForCausalLM)
+    return model, loaded, prompt, gen, reference, ref_logits
+
+
+def test_compacted_model_holds_both_forms_and_fewer_parameters(generation_models):
+    model, loaded, *_ = generation_models
+    for m in (model, loaded):
+        layers = [l for l in m.modules() if isinstance(l, utils.LinearLoSparse)]
+        assert all(l.is_compacted for l in layers if l.has_sparse)
+        assert any(l.sparse_weight_pruned_cols is not None for l in layers)
+        assert any(l.sparse_weight_pruned is not None and l.nonzero_idx.numel() for l in layers)
     assert utils.compression_report(loaded).model_params < utils.compression_report(build("llama")).model_params
+
+
+@pytest.mark.parametrize("prefer,path", FORM_CASES)
+def test_compacted_greedy_generation_equals_uncompacted(generation_models, prefer, path):
+    model, loaded, prompt, gen, reference, ref_logits = generation_models
     for small in (model, loaded):
+        for m in small.modules():
+            if isinstance(m, utils.LinearLoSparse):
+                m.prefer, m.compact_path = prefer, path
         with torch.no_grad():
             out = small.generate(input_ids=prompt, **gen)
             torch.testing.assert_close(small(input_ids=reference).logits, ref_logits, atol=1e-5, rtol=1e-5)
         assert out.shape == (2, 6 + 12)
         assert torch.equal(out, reference)
+        taken = {m.last_path for m in small.modules() if isinstance(m, utils.LinearLoSparse) and m.is_compacted}
+        assert taken == ({path} if path else taken) and (prefer == "speed" or "merged" not in taken)
     assert len(set(reference[0, 6:].tolist())) > 1  # not a constant continuation
 
 
@@ -484,6 +516,6 @@ def test_run_clm_fsdp2_matches_one_process(assets):
     assert r1["effective_ratio"] == r2["effective_ratio"]
     assert r2["perplexity"] == pytest.approx(r1["perplexity"], rel=1e-4)
     from safetensors.torch import load_file
-    c1, c2 = load_file(runs["single"][0] / "compact" / "model.safetensors"), \
-        load_file(runs["fsdp2"][0] / "compact" / "model.safetensors")
+    c1, c2 = load_file(runs["single"][0] / "compact" / utils.COMPACT_WEIGHTS), \
+        load_file(runs["fsdp2"][0] / "compact" / utils.COMPACT_WEIGHTS)
     assert {k: v.shape for k, v in c1.items()} == {k: v.shape for k, v in c2.items()}

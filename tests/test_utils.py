@@ -257,19 +257,45 @@ def test_prune_sparse_keeps_rows_with_any_nonzero():
     assert empty.sparse_weight_pruned.shape == (0, 4) and not empty.sparse_weight_pruned.requires_grad
 
 
+# Every compact form: the cost model's choice under both ``prefer`` values, and each form forced.
+FORM_CASES = [("speed", None), ("memory", None)] + [("speed", p) for p in utils.COMPACT_PATHS]
+
+
+def _set_form(model, prefer, path):
+    for m in _losparse_layers(model).values():
+        m.prefer, m.compact_path = prefer, path
+
+
+def _zero_rows_and_cols(model, frac=0.5, seed=0):
+    """Zero rows of S (columns for every third layer), as row- or column-structured pruning leaves it."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, layer in enumerate(_losparse_layers(model).values()):
+            if i % 3 == 1:
+                layer.sparse.weight[:, torch.rand(layer.in_feature, generator=g) < frac] = 0
+            else:
+                layer.sparse.weight[torch.rand(layer.out_feature, generator=g) < frac] = 0
+
+
+@pytest.mark.parametrize("prefer,path", FORM_CASES)
 @pytest.mark.parametrize("kind,head", [("bert", "seq_cls"), ("deberta", "seq_cls"), ("bart", "seq2seq")])
-def test_compacted_forward_matches_for_changing_shapes(kind, head):
+def test_compacted_forward_matches_for_changing_shapes(kind, head, prefer, path):
     m = build_tiny_model(kind, head).eval()
     utils.substitute_layer_weights(m, SCRIPT_ALLOW, BLOCK, parameter_ratio=0.1)
-    _zero_rows(m)
+    _zero_rows_and_cols(m)
     shapes = [(1, 7), (3, 5), (1, 12), (4, 9), (2, 3)]
     refs = [_out(m, kind, batch=b, length=l, seed=i) for i, (b, l) in enumerate(shapes)]
     full_params = sum(p.numel() for p in m.parameters())
-    utils.prune(m)
+    utils.prune(m, prefer=prefer)
+    _set_form(m, prefer, path)
+    layers = _losparse_layers(m).values()
+    assert {l.sparse_weight_pruned_cols is not None for l in layers} == {True, False}  # both forms run
     assert sum(p.numel() for p in m.parameters()) < full_params
     for i, (b, l) in enumerate(shapes + shapes[::-1]):
         j = i if i < len(shapes) else len(shapes) * 2 - 1 - i
         torch.testing.assert_close(_out(m, kind, batch=b, length=l, seed=j), refs[j], atol=1e-5, rtol=1e-5)
+    taken = {l.last_path for l in layers}
+    assert taken == ({path} if path else taken) and (prefer == "speed" or "merged" not in taken)
 
 
 def test_compacted_layer_memory_scales_with_kept_rows():
@@ -437,19 +463,25 @@ def test_export_compact_reload_and_merge(tmp_path):
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.shared.weight.data_ptr()
 
 
+@pytest.mark.parametrize("prefer,path", FORM_CASES)
 @pytest.mark.parametrize("kind,head", [("bert", "seq_cls"), ("bart", "seq2seq")])
-def test_load_compact_reproduces_the_compacted_model_bit_for_bit(tmp_path, kind, head):
-    """What the README claims: a compacted model (utils.prune) and its export reloaded give equal outputs."""
+def test_load_compact_reproduces_the_compacted_model_bit_for_bit(tmp_path, kind, head, prefer, path):
+    """What the README claims: a compacted model (utils.prune) and its export reloaded give equal outputs, in
+    every compact form (rows and columns of S)."""
     m = build_tiny_model(kind, head).eval()
     utils.substitute_layer_weights(m, SCRIPT_ALLOW, BLOCK, parameter_ratio=0.1)
-    _zero_rows(m)
-    utils.prune(m)
+    _zero_rows_and_cols(m)
+    utils.prune(m, prefer=prefer)
     utils.export_compact(m, tmp_path / "compact")
     meta = json.loads((tmp_path / "compact" / "losparse_config.json").read_text())
-    assert {e["form"] for e in meta["layers"].values()} == {"losparse"}  # nothing stored merged
-    reloaded = utils.load_compact(tmp_path / "compact")
+    assert {e["form"] for e in meta["layers"].values()} == {"losparse", "losparse_cols"}  # nothing stored merged
+    reloaded = utils.load_compact(tmp_path / "compact", prefer=prefer)
+    _set_form(m, prefer, path)
+    _set_form(reloaded, prefer, path)
     for seed, length in ((0, 9), (1, 17)):
         assert torch.equal(_out(reloaded, kind, length=length, seed=seed), _out(m, kind, length=length, seed=seed))
+    taken = {l.last_path for l in _losparse_layers(reloaded).values()}
+    assert taken == ({path} if path else taken) and (prefer == "speed" or "merged" not in taken)
 
 
 def test_compression_report_numbers():
@@ -461,7 +493,7 @@ def test_compression_report_numbers():
         holder.dense.sparse.weight[3:] = 0
     rep = utils.compression_report(holder)
     assert rep.layers == [{"name": "dense", "out_features": 8, "in_features": 16, "rank": 2, "kept_rows": 3,
-                          "path": "uncompacted"}]
+                          "path": "uncompacted", "sparse_form": "rows", "kept": 3, "sparse_params": 48}]
     assert (rep.dense_params, rep.low_rank_params, rep.sparse_params) == (128, 48, 48)
     assert rep.effective_ratio == pytest.approx(96 / 128)
     assert rep.model_params == 136 + 96 + 8 and rep.model_params_dense_equivalent == 136 + 136
