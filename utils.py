@@ -90,12 +90,13 @@ def _use_randomized(svd, H, W, r, oversample):
 
 
 def _whitening(input_cov, damp=1e-6):
-    """``(K, K_inv, info)`` with ``C + delta I = K K^T`` (eigendecomposition, float64) for the activation-aware SVD.
+    """``(K, K_inv, info)`` with ``C + delta I = K K^T`` (Cholesky, float64) for the activation-aware SVD.
 
-    ``C`` is symmetrised. A singular ``C`` (inputs confined to a subspace, e.g. dead features) is damped by
-    ``delta = damp * mean(diag C)`` so ``K`` is invertible and the fit in the directions the inputs never take
-    is left to S; a zero or empty ``C`` (the layer saw no input) returns ``None`` (the caller falls back to the
-    plain SVD). A non-finite ``C`` raises ``ValueError``.
+    ``C`` is symmetrised and damped by ``delta = damp * mean(diag C)`` (SVD-LLM's remedy): a singular ``C``
+    (inputs confined to a subspace, e.g. dead features) still gives an invertible ``K``, and the fit in the
+    directions the inputs never take is left to S. If the Cholesky factorisation still fails, ``delta`` grows
+    tenfold (up to ``0.1 * mean(diag C)``). A zero or empty ``C`` (the layer saw no input) returns ``K = None``
+    (the caller falls back to the plain SVD). A non-finite ``C`` raises ``ValueError``.
     """
     C = input_cov.detach().to(torch.float64)
     if not torch.isfinite(C).all():
@@ -104,13 +105,18 @@ def _whitening(input_cov, damp=1e-6):
     scale = float(C.diagonal().mean()) if C.numel() else 0.0
     if not scale > 0:
         return None, None, {"fallback": "zero input_cov: plain SVD"}
-    evals, Q = torch.linalg.eigh(C)
+    singular = int(torch.linalg.cholesky_ex(C)[1]) != 0
+    eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
     delta = damp * scale
-    singular = bool(evals.min() <= delta)
-    evals = evals.clamp_min(0) + delta
-    sq = evals.sqrt()
-    return Q * sq, (Q / sq).mT, {"fallback": "singular input_cov: damped" if singular else None,
-                                 "delta": delta}
+    while True:
+        K, err = torch.linalg.cholesky_ex(C + delta * eye)
+        if int(err) == 0 or delta >= 0.1 * scale:
+            break
+        delta *= 10
+    if int(err) != 0:
+        raise ValueError("input_cov is not positive semi-definite, even damped by 0.1 * mean(diag)")
+    K_inv = torch.linalg.solve_triangular(K, eye, upper=False)
+    return K, K_inv, {"fallback": "singular input_cov: damped" if singular else None, "delta": delta}
 
 
 def low_rank_decomposition(weight, rank_ratio=0.1, parameter_ratio=0.15, remove_criteria="max_eigenvalue",
@@ -132,8 +138,9 @@ def low_rank_decomposition(weight, rank_ratio=0.1, parameter_ratio=0.15, remove_
     :param input_cov:       ``C = E[x x^T]`` (in x in) of the layer's inputs (:func:`collect_input_covariance`):
                             fit ``L R`` to minimise ``E||(W - L R) x||^2`` instead of ``||W - L R||_F`` (the
                             activation-aware, "whitened" SVD of SVD-LLM: truncated SVD of ``W K`` with
-                            ``C = K K^T``, mapped back by ``K^-1``; computed in float64). A singular ``C`` is damped
-                            by ``1e-6 * mean(diag C)``; a zero ``C`` falls back to the plain SVD (with a warning).
+                            ``C = K K^T`` (Cholesky), mapped back by ``K^-1``; computed in float64). ``C`` is damped
+                            by ``1e-6 * mean(diag C)`` (more if a singular ``C`` needs it); a zero ``C`` falls back
+                            to the plain SVD (with a warning).
                             Then ``U, S, Vh`` of the dict are those of ``W K`` and the dict also holds ``K_inv``.
     :return: ``(L, R)`` in float32, or the dict.
     """

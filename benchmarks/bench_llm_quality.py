@@ -16,8 +16,8 @@ counting L, R, the kept rows of S and one index per kept row. Forms:
 * ``*_ft``                       the two LoSparse forms (compacted) and the dense model (``full_ft``) after the same
                                  short fine-tuning (``--ft_steps`` x ``--ft_batch`` blocks, stated in tokens).
 
-The LoSparse split (share of the budget in L, R) is chosen per ``p`` from ``--splits`` by the loss on the
-calibration blocks (no held-out data). One JSON line per cell (``what`` = env | data | cell), then a table on stderr.
+The LoSparse split (share of the budget in L, R) is chosen per ``p`` from ``--splits`` by the loss on the first
+8 calibration blocks (no held-out data). One JSON line per cell (``what`` = env | data | cell), then a table on stderr.
 
     python benchmarks/bench_llm_quality.py --threads 2           # the full run (CPU: about 25 min on 2 cores)
     python benchmarks/bench_llm_quality.py --quick               # seconds: a tiny random LLaMA on the same text
@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--ft_kept", type=C.csv(float), default=None, help="Kept fractions fine-tuned (default: all).")
     p.add_argument("--lr", type=float, default=2e-4, help="Fine-tuning learning rate of the LoSparse forms.")
     p.add_argument("--full_lr", type=float, default=5e-5, help="Learning rate of full fine-tuning.")
+    p.add_argument("--cache", type=str, default=None,
+                   help="A file keeping the calibration statistics and the full decompositions between runs (the "
+                        "slow part on CPU); reused when it exists (delete it when the data or model change).")
     args = p.parse_args(argv)
     C.setup(args, (0, 0), (1, 1))
     q = args.quick
@@ -162,12 +165,14 @@ def fine_tune(model, data, steps, batch, lr, seed):
 # -- decompositions, computed once per matrix and truncated per budget ----------------------------------------------
 def decompositions(dense, covs):
     """``{name: {"W", "svd": (U, S, Vh), "cal": (U, S, Vh, K_inv)}}`` (full SVDs, truncated later)."""
-    out = {}
+    out, whitened = {}, {}
     for name, lin in utils._linear_targets(dense, LLAMA_LIKE, BLOCK):
         W = lin.weight.detach()
         plain = utils.low_rank_decomposition(W, parameter_ratio=1.0, return_dict=True, log_level="IGNORE")
+        if id(covs[name]) not in whitened:  # q/k/v and gate/up share one C: one eigendecomposition
+            whitened[id(covs[name])] = utils._whitening(covs[name])
         cal = utils.low_rank_decomposition(W, parameter_ratio=1.0, return_dict=True, log_level="IGNORE",
-                                           input_cov=covs[name])
+                                           input_cov=covs[name], _whitened=whitened[id(covs[name])])
         out[name] = {"W": W, "svd": (plain["U"], plain["S"], plain["Vh"], None),
                      "cal": (cal["U"], cal["S"], cal["Vh"], cal.get("K_inv"))}
     return out
@@ -240,12 +245,18 @@ def main(argv=None):
            eval_tokens=eval_data.numel(), calibration_tokens=calib.numel(), ft_tokens=args.ft_steps * args.ft_batch *
            args.block_size)
 
-    t = time.perf_counter()
-    covs = utils.collect_input_covariance(dense, [calib[i: i + 8] for i in range(0, len(calib), 8)], LLAMA_LIKE, BLOCK)
-    calib_s = time.perf_counter() - t
-    t = time.perf_counter()
-    decs = decompositions(dense, covs)
-    svd_s = time.perf_counter() - t
+    if args.cache and Path(args.cache).is_file():
+        covs, decs, calib_s, svd_s = torch.load(args.cache, weights_only=False)
+    else:
+        t = time.perf_counter()
+        covs = utils.collect_input_covariance(dense, [calib[i: i + 8] for i in range(0, len(calib), 8)], LLAMA_LIKE,
+                                              BLOCK)
+        calib_s = time.perf_counter() - t
+        t = time.perf_counter()
+        decs = decompositions(dense, covs)
+        svd_s = time.perf_counter() - t
+        if args.cache:
+            torch.save((covs, decs, calib_s, svd_s), args.cache)
     dense_ppl = perplexity(dense, eval_data)
     entries = sum(d["W"].numel() for d in decs.values())
     C.emit("cell", form="dense", kept=1.0, stored=entries, ratio=1.0, perplexity=dense_ppl, calibration_s=calib_s,
@@ -264,7 +275,7 @@ def main(argv=None):
             best = None
             for s in args.splits:
                 m, _, _ = build_form(dense, decs, covs, form, kept, s)
-                loss = perplexity(m, calib)
+                loss = perplexity(m, calib[:8])
                 if best is None or loss < best[0]:
                     best = (loss, s)
             split[form] = best[1]
