@@ -17,7 +17,7 @@ counting L, R, the kept rows of S and one index per kept row. Forms:
                                  short fine-tuning (``--ft_steps`` x ``--ft_batch`` blocks, stated in tokens).
 
 The LoSparse split (share of the budget in L, R) is chosen per ``p`` from ``--splits`` by the loss on the first
-8 calibration blocks (no held-out data). One JSON line per cell (``what`` = env | data | cell), then a table on stderr.
+4 calibration blocks (no held-out data). One JSON line per cell (``what`` = env | data | cell), then a table on stderr.
 
     python benchmarks/bench_llm_quality.py --threads 2           # the full run (CPU: about 25 min on 2 cores)
     python benchmarks/bench_llm_quality.py --quick               # seconds: a tiny random LLaMA on the same text
@@ -270,12 +270,12 @@ def main(argv=None):
         del m
     table = {}
     for kept in args.kept:
-        split = {}
-        for form in ("losparse_svd", "losparse_calibrated"):  # the split: lowest loss on the calibration blocks
-            best = None
+        split = {"losparse_svd": args.splits[0], "losparse_calibrated": args.splits[0]}
+        for form in (("losparse_svd", "losparse_calibrated") if len(args.splits) > 1 else ()):
+            best = None  # the split: lowest loss on the calibration blocks
             for s in args.splits:
                 m, _, _ = build_form(dense, decs, covs, form, kept, s)
-                loss = perplexity(m, calib[:8])
+                loss = perplexity(m, calib[:4])
                 if best is None or loss < best[0]:
                     best = (loss, s)
             split[form] = best[1]
