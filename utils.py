@@ -138,10 +138,10 @@ def low_rank_decomposition(weight, rank_ratio=0.1, parameter_ratio=0.15, remove_
     :param input_cov:       ``C = E[x x^T]`` (in x in) of the layer's inputs (:func:`collect_input_covariance`):
                             fit ``L R`` to minimise ``E||(W - L R) x||^2`` instead of ``||W - L R||_F`` (the
                             activation-aware, "whitened" SVD of SVD-LLM: truncated SVD of ``W K`` with
-                            ``C = K K^T`` (Cholesky), mapped back by ``K^-1``; computed in float64). ``C`` is damped
-                            by ``1e-6 * mean(diag C)`` (more if a singular ``C`` needs it); a zero ``C`` falls back
-                            to the plain SVD (with a warning).
-                            Then ``U, S, Vh`` of the dict are those of ``W K`` and the dict also holds ``K_inv``.
+                            ``C = K K^T`` (Cholesky), mapped back by ``K^-1``; whitening in float64, SVD in
+                            float32). ``C`` is damped by ``1e-6 * mean(diag C)`` (more if a singular ``C`` needs
+                            it); a zero ``C`` falls back to the plain SVD (with a warning). Then ``U, S, Vh`` of
+                            the dict are those of ``W K`` and the dict also holds ``K_inv``.
     :return: ``(L, R)`` in float32, or the dict.
     """
     if weight.dim() != 2:
@@ -163,7 +163,7 @@ def low_rank_decomposition(weight, rank_ratio=0.1, parameter_ratio=0.15, remove_
         else:
             if info["fallback"]:
                 logger.debug("low_rank_decomposition: %s by %.3g", info["fallback"], info["delta"])
-            A = weight.detach().to(torch.float64) @ K
+            A = (weight.detach().to(torch.float64) @ K).float()  # whitened in float64, SVD in float32
     r = _reduced_rank(H, W, parameter_ratio, rank_ratio) if parameter_ratio is not None else None
     oversample = max(10, (r or 0) // 2) if oversample is None else oversample
 
@@ -190,7 +190,7 @@ def low_rank_decomposition(weight, rank_ratio=0.1, parameter_ratio=0.15, remove_
     L = U[:, idx] * sqrt_s
     R = sqrt_s[:, None] * Vh[idx]
     if K_inv is not None:  # back from the whitened coordinates: (W K)_r K^-1
-        L, R = L.float(), (R @ K_inv).float()
+        L, R = L.float(), (R.double() @ K_inv).float()
 
     if log_level != "IGNORE":
         logger.debug("SVD (%s) of %dx%d -> rank %d, %d parameters", method, H, W, r, r * (H + W))
