@@ -175,7 +175,8 @@ def test_one_shot_keeps_exactly_the_requested_rows(normalize):
     rows = []
     for n, m in layers:
         S, C = before[n].double(), covs[n]
-        ref = float(torch.trace(m.merged_weight().double() @ C @ m.merged_weight().double().T)) / m.out_feature
+        Wm = m.merged_weight().detach().double()
+        ref = float(torch.trace(Wm @ C @ Wm.T)) / m.out_feature
         for i in range(m.out_feature):
             e = float(S[i] @ C @ S[i]) / m.in_feature
             rows.append((e / ref if normalize else e, n, i, m.in_feature))
