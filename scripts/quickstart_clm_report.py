@@ -1,8 +1,8 @@
 """Print the LLM quickstart table from run_clm.py output directories (as loaded, full fine-tuning, LoSparse ratios).
 
-For every run: perplexity, stored parameters, weights file, kept fraction of the substituted matrices; and CPU greedy
-generation speed (tokens/s, KV cache) of the dense fine-tuned model and of each compacted LoSparse model
-(``utils.load_compact``). The last line is one JSON object with every figure.
+For every run: perplexity (for LoSparse also the calibrated one-shot perplexity, before fine-tuning), stored
+parameters, weights file, kept fraction of the substituted matrices; and CPU greedy generation speed (tokens/s, KV
+cache) of the dense fine-tuned model and of each compacted LoSparse model (``utils.load_compact``). The last line is one JSON object with every figure.
 """
 import argparse
 import json
@@ -67,6 +67,7 @@ def main(argv=None):
         row = {"run": name, "perplexity": res["perplexity"], "eval_tokens": res["eval_tokens"],
                "params": res["model_params"], "dense_params": res["dense_equivalent_params"],
                "ratio": res["effective_ratio"], "steps": res["train_steps"],
+               "one_shot_perplexity": res.get("one_shot_perplexity"),
                "seconds": a.seconds[i] if i < len(a.seconds) else None}
         weights = _weights_file(run_dir) if name != "loaded" else (Path(a.gguf) if a.gguf else None)
         row["file"] = None if weights is None else str(weights)
@@ -84,8 +85,8 @@ def main(argv=None):
         rows.append(row)
 
     dense = next((r for r in rows if r["run"] == "full"), None)
-    print(f"{'run':<22} {'perplexity':>10} {'parameters':>12} {'weights file':>13} {'matrices kept':>14} "
-          f"{'tokens/s':>9} {'time':>6}")
+    print(f"{'run':<22} {'perplexity':>10} {'one-shot':>9} {'parameters':>12} {'weights file':>13} "
+          f"{'matrices kept':>14} {'tokens/s':>9} {'time':>6}")
     for r in rows:
         label = {"loaded": "as loaded (GGUF Q4_1)", "full": "full fine-tuning"}.get(r["run"])
         if label is None:
@@ -96,8 +97,9 @@ def main(argv=None):
         if dense is not None and r is not dense and r["tokens_per_s"] is not None:
             speed += f" ({r['tokens_per_s'] / dense['tokens_per_s']:.2f}x)"
         t = "" if r["seconds"] is None else f"{r['seconds']:.0f}s"
-        print(f"{label:<22} {r['perplexity']:>10.2f} {r['params']:>12,} {size:>13} {100 * r['ratio']:>13.2f}% "
-              f"{speed:>9} {t:>6}")
+        one_shot = "" if r["one_shot_perplexity"] is None else f"{r['one_shot_perplexity']:.2f}"
+        print(f"{label:<22} {r['perplexity']:>10.2f} {one_shot:>9} {r['params']:>12,} {size:>13} "
+              f"{100 * r['ratio']:>13.2f}% {speed:>9} {t:>6}")
     print(f"greedy continuations of {PROMPT!r}:")
     for r in rows:
         if r["sample"] is not None:

