@@ -76,7 +76,7 @@ def main(argv=None):
             row["tokens_per_s"], row["sample"] = None, None
         elif (run_dir / "compact").is_dir():
             model = utils.load_compact(run_dir / "compact", AutoModelForCausalLM)
-            tok = AutoTokenizer.from_pretrained(run_dir / "compact")
+            tok = AutoTokenizer.from_pretrained(run_dir / "compact", trust_remote_code=True)  # reads config.json
             row["tokens_per_s"], row["sample"] = generation_speed(model, tok, a.gen_tokens)
         else:
             model = AutoModelForCausalLM.from_pretrained(run_dir).eval()

@@ -263,3 +263,42 @@ def test_cuda_graph_replay_after_in_place_weight_change(tiny_bert):
         assert (new - eager).abs().max() > 0.5
         torch.testing.assert_close(new, model(**inputs).last_hidden_state.float(), rtol=2e-2, atol=5e-2)
     torch._dynamo.reset()
+
+
+def _col_layer(seed=0, in_f=44, out_f=OUT, rank=5, k=6):
+    """A compacted layer whose S kept ``k`` columns (column-structured pruning: stored as columns)."""
+    g = torch.Generator().manual_seed(seed)
+    layer = utils.LinearLoSparse(in_f, out_f, rank)
+    S = torch.randn(out_f, in_f, generator=g) / in_f ** 0.5
+    S[:, k:] = 0
+    layer.initialize_weight(torch.randn(out_f, rank, generator=g) / rank ** 0.5,
+                            torch.randn(rank, in_f, generator=g) / in_f ** 0.5, S, torch.randn(out_f, generator=g))
+    layer.prune_sparse()
+    assert layer.sparse_weight_pruned_cols is not None and layer.kept_cols == k
+    return layer
+
+
+def _dense_reference(layer, x):
+    return torch.nn.functional.linear(x.double(), layer.merged_weight().double(), layer.bias.double())
+
+
+@pytest.mark.parametrize("form", ["rows", "cols"])
+@pytest.mark.parametrize("path", PATHS)
+def test_refresh_rederives_prepared_buffers_in_place(form, path):
+    """``.data`` edits bump no version: ``utils.refresh`` re-derives a prepared layer's buffers in the same storage
+    (what a compiled graph or a captured CUDA graph reads), for row and column compaction alike; a layer built and
+    prepared inside ``inference_mode`` works outside it."""
+    with torch.inference_mode():
+        layer = (make_layer(7) if form == "rows" else _col_layer()).eval()
+        utils.prepare_for_inference(layer, path=path)
+    x = torch.randn(3, 44)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), _dense_reference(layer, x), **TOL[torch.float32])
+        ptrs = {n: b.data_ptr() for n, b in layer.named_buffers() if n.startswith("_prepared_")}
+        with torch.inference_mode():  # inference tensors: edited only inside inference_mode, and unversioned
+            layer.left.weight.data.mul_(2)
+        assert (layer(x).double() - _dense_reference(layer, x)).abs().max() > 1e-2  # what refresh() is for
+        assert utils.refresh(layer) == 1
+        torch.testing.assert_close(layer(x).double(), _dense_reference(layer, x), **TOL[torch.float32])
+        assert {n: b.data_ptr() for n, b in layer.named_buffers() if n.startswith("_prepared_")} == ptrs
+        assert layer.last_path == path

@@ -21,7 +21,7 @@ def test_quickstart_reduced_steps(tmp_path):
     env = dict(os.environ)
     env.update({"LOSPARSE_PYTHON": sys.executable, "QUICKSTART_MAX_STEPS": str(STEPS),
                 "QUICKSTART_WARMUP_STEPS": "2", "QUICKSTART_OUT": str(tmp_path / "qs"),
-                "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""})
+                "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     proc = subprocess.run(["bash", str(REPO / "quickstart.sh")], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
