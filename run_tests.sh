@@ -9,4 +9,4 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_
 # models), and two processes with two threads each on two cores stall each other. LOSPARSE_TEST_WORKERS=0 runs
 # the suite in this one process.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec .venv/bin/python -m pytest tests -q -p no:cacheprovider -n "${LOSPARSE_TEST_WORKERS:-2}" "$@"
+exec .venv/bin/python -m pytest tests -q -p no:cacheprovider -n "${LOSPARSE_TEST_WORKERS:-2}" --durations=20 "$@"

@@ -268,7 +268,7 @@ def test_run_clm_one_shot_calibrated_compresses_without_training(clm_assets, tmp
     assert res["effective_ratio"] == pytest.approx((low + rows) / entries)
     # the saved model is the one-shot model: its perplexity is the reported one
     compact = utils.load_compact(out / "compact", AutoModelForCausalLM)
-    assert (out / "compact" / "model.safetensors").is_file() and compact is not None
+    assert (out / "compact" / utils.COMPACT_WEIGHTS).is_file() and compact is not None
 
 
 @pytest.mark.parametrize("flags, expected", [
