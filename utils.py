@@ -286,8 +286,8 @@ class _MergedLinear(torch.autograd.Function):
         return gx, gL, gR, gS, gb, None
 
 
-# Forms of a compacted layer's inference forward (x2: tokens x in; y: tokens x out), see LinearLoSparse._derive.
-# Row form (S keeps k rows at output positions idx):
+# Forms of a compacted layer's inference forward (x2: tokens x in; y: tokens x out); :func:`_derive` builds the
+# tensors each one multiplies by. Row form (S keeps k rows at output positions idx):
 # "fused":      T = x [R; S_kept]^T, one GEMM; y = T[:, :r] L^T + b; y[:, idx] += T[:, r:r+k].
 # "transposed": T' = [R; S_kept] x^T; y' = L T'[:r] + b; y'[idx] += T'[r:r+k] (contiguous rows); y = y'^T
 #               copied to row-major.
@@ -304,8 +304,52 @@ PREFER_CHOICES = ("speed", "memory")
 PATH_CHOICES = ("cost", "timed")
 
 
+def _check_prefer(prefer):
+    if prefer not in PREFER_CHOICES:
+        raise ValueError(f"prefer={prefer!r}: allowed values are {', '.join(map(repr, PREFER_CHOICES))}")
+
+
 def _ceil8(n):
     return -(-n // 8) * 8
+
+
+def _derive(layer, path):
+    """Tensors that ``path`` multiplies by, from the current weights of the compacted ``layer`` (no gradient).
+
+    Row form: ``rs`` = ``[R; 0; S_kept; 0]`` with r and k rounded up to multiples of 8 (zero rows), so the
+    GEMMs' inner and output sizes stay multiples of 8; ``L`` gets matching zero columns. Column form:
+    ``R`` and ``L`` padded the same way, ``S_cols`` as it is (``onehot``: ``[R; 0; E; 0]`` and
+    ``[L | 0 | S_cols | 0]``). ``merged`` is the dense ``L R + S``.
+    """
+    L, R = layer.left.weight.detach(), layer.right.weight.detach()
+    cols = layer.sparse_weight_pruned_cols is not None
+    S = (layer.sparse_weight_pruned_cols if cols else layer.sparse_weight_pruned).detach()
+    idx = layer._kept_index()
+    r, k = layer.reduced_rank, idx.numel()
+    if path == "merged":
+        acc = torch.promote_types(L.dtype, torch.float32)  # bf16/fp16 weights: summed in fp32
+        return {"w": torch.mm(L.to(acc), R.to(acc)).index_add_(1 if cols else 0, idx, S.to(acc)).to(L.dtype)}
+    r8, k8 = _ceil8(r), _ceil8(k)
+    lpad = torch.cat([L, L.new_zeros(L.shape[0], r8 - r)], dim=1)
+    b_col = None if layer.bias is None else layer.bias.detach()[:, None]
+    if cols:
+        rpad = torch.cat([R, R.new_zeros(r8 - r, R.shape[1])])
+        if path == "onehot":  # E[j, idx[j]] = 1: x E^T = x[:, idx]
+            onehot = R.new_zeros(k8, R.shape[1])
+            onehot[torch.arange(k, device=idx.device), idx] = 1
+            return {"rs_t": torch.cat([rpad, onehot]).t(),
+                    "lp_t": torch.cat([lpad, S, S.new_zeros(S.shape[0], k8 - k)], dim=1).t(), "r8": r8, "k": k}
+        if path == "transposed":
+            return {"r": rpad, "l": lpad, "s": S, "b_col": b_col, "r8": r8, "k": k, "cols": True}
+        return {"r_t": rpad.t(), "l_t": lpad.t(), "s_t": S.t(), "r8": r8, "k": k, "cols": True}
+    rs = torch.cat([R, R.new_zeros(r8 - r, R.shape[1]), S, S.new_zeros(k8 - k, S.shape[1])])
+    if path == "onehot":  # [L | P] with P[idx[j], j] = 1: the sparse rows' add becomes part of the GEMM
+        onehot = L.new_zeros(L.shape[0], k8)
+        onehot[idx, torch.arange(k, device=idx.device)] = 1
+        return {"rs_t": rs.t(), "lp_t": torch.cat([lpad, onehot], dim=1).t(), "r8": r8, "k": k}
+    if path == "transposed":
+        return {"rs": rs, "l": lpad, "b_col": b_col, "r8": r8, "k": k}
+    return {"rs_t": rs.t(), "l_t": lpad.t(), "r8": r8, "k": k}
 
 
 def _fwd_fused(x, d, idx, bias):
@@ -383,18 +427,11 @@ def _path_costs(in_f, out_f, r, k, n, elt, device_type, cols=False):
     }
 
 
-# Opt-in timed choice (``layer.path_choice = "timed"``): shape class -> chosen form, shared by every layer of
-# the class in this process (and, under torch.distributed, decided on rank 0).
-_CUDA_CHOICES = {}
-
-
 def _time_forms(layer, x2, candidates, reps=3):
     """Milliseconds of ``reps`` calls of each candidate form on ``x2`` (CUDA events on CUDA, a clock elsewhere)."""
-    import time
-
     times = {}
     for path in candidates:
-        d = layer._derived_for(path)
+        d = layer._fast.derived(layer, path)
         fn, idx = _COMPACT_FORWARDS[path], layer._kept_index()
         fn(x2, d, idx, layer.bias)  # warm-up
         if x2.is_cuda:
@@ -423,36 +460,33 @@ def _rank0_choice(index, device):
     return int(t.item())
 
 
-def _timed_choice(layer, x2, candidates, reps=3):
-    """The form of ``layer`` for this many tokens, timed once per shape class and process.
+class _TimedChoices:
+    """The forms chosen by timing (``layer.path_choice = "timed"``), one per shape class.
 
     Shape class: device, dtype, in/out features, r and k rounded up to multiples of 8 (k: to a power of two),
-    row or column form, bias, token bucket and candidates; the layers of a class share one timing. Rank 0 times,
-    every rank takes its choice (so all ranks run the same forms), and only the chosen form's tensors stay.
+    row or column form, bias, token bucket and candidates; the layers of a class share one timing. One object
+    is shared by the layers of a model (:func:`prune`, :func:`load_checkpoint` and :func:`load_compact` hand one
+    to all the layers of the model they work on; a layer compacted on its own has its own), so the memo lives
+    and dies with the model. Rank 0 times, every rank takes its choice (all ranks run the same forms).
     """
-    cols, k = layer.sparse_weight_pruned_cols is not None, layer._kept_index().numel()
-    key = (x2.device.type, x2.dtype, layer.in_feature, layer.out_feature, _ceil8(layer.reduced_rank),
-           _ceil8(k).bit_length(), cols, layer.bias is not None, max(1, x2.shape[0]).bit_length(), candidates)
-    if key not in _CUDA_CHOICES:
-        dist = torch.distributed
-        first = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-        index = 0
-        if first:
-            times = _time_forms(layer, x2, candidates, reps)
-            index = candidates.index(min(candidates, key=times.__getitem__))
-        device = x2.device if x2.is_cuda else torch.device("cpu")
-        _CUDA_CHOICES[key] = candidates[_rank0_choice(index, device)]
-    return _CUDA_CHOICES[key]
-
-
-class _Derived:
-    """What a compacted layer derives for inference, in one place: the tensors of each form it uses, the form
-    chosen per token bucket, and the key (the source tensors and their versions) the tensors were built from."""
-
-    __slots__ = ("key", "tensors", "paths")
 
     def __init__(self):
-        self.key, self.tensors, self.paths = None, {}, {}
+        self.chosen = {}
+
+    def choose(self, layer, x2, candidates, reps=3):
+        cols, k = layer.sparse_weight_pruned_cols is not None, layer._kept_index().numel()
+        key = (x2.device.type, x2.dtype, layer.in_feature, layer.out_feature, _ceil8(layer.reduced_rank),
+               _ceil8(k).bit_length(), cols, layer.bias is not None, max(1, x2.shape[0]).bit_length(), candidates)
+        if key not in self.chosen:
+            dist = torch.distributed
+            first = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+            index = 0
+            if first:
+                times = _time_forms(layer, x2, candidates, reps)
+                index = candidates.index(min(candidates, key=times.__getitem__))
+            device = x2.device if x2.is_cuda else torch.device("cpu")
+            self.chosen[key] = candidates[_rank0_choice(index, device)]
+        return self.chosen[key]
 
 
 def _tensor_stamp(t):
@@ -464,6 +498,192 @@ def _tensor_stamp(t):
     :meth:`LinearLoSparse.refresh`. Inference tensors have no version counter.
     """
     return None if t.is_inference() else t._version, t.data_ptr(), t.shape
+
+
+def _sources_key(layer):
+    """The layer's source tensors (by weak reference: a new tensor at a freed address is not taken for the old
+    one) with their stamps (:func:`_tensor_stamp`)."""
+    return tuple((weakref.ref(t), _tensor_stamp(t)) for t in layer._sources())
+
+
+def _key_holds(layer, key):
+    """Whether ``key`` (from :func:`_sources_key`) still describes the layer's source tensors."""
+    sources = layer._sources()
+    return key is not None and len(key) == len(sources) and all(
+        ref() is t and stamp == _tensor_stamp(t) for (ref, stamp), t in zip(key, sources))
+
+
+_PREPARED_PREFIX = "_prepared_"  # prepared tensors: non-persistent buffers of the layer, _prepared_<key of _derive>
+
+
+class _FastPath:
+    """A compacted layer's inference state, in one object per layer (``layer._fast``).
+
+    - settings: ``prefer``, ``compact_path``, ``path_choice``, ``cache_derived`` (set through the layer's
+      properties of those names, which call :meth:`refresh`);
+    - the cache: ``tensors`` (form -> what :func:`_derive` built), ``key`` (the source tensors and their stamps
+      they were built from, :func:`_sources_key`), ``paths`` (token bucket -> chosen form);
+    - the choice: the cost model (:func:`_path_costs`), or with ``path_choice = "timed"`` ``timings``
+      (:class:`_TimedChoices`, shared by the layers of a model); ``last_path``, the latest call's form;
+    - the prepared form (:func:`prepare_for_inference`): ``prepared`` (the form, or None), ``prepared_meta`` (its
+      non-tensor entries) and ``prepared_key``; its tensors are the layer's non-persistent buffers
+      ``_prepared_<name>``, so they follow ``.to()`` and a compiled graph reads them as inputs.
+
+    Pickling and deep copies keep the settings, the shared timings and the prepared form, not the cache.
+    """
+
+    def __init__(self):
+        self.prefer, self.compact_path, self.path_choice, self.cache_derived = "speed", None, "cost", True
+        self.timings = _TimedChoices()
+        self.last_path = None
+        self.prepared = self.prepared_meta = self.prepared_key = None
+        self.forget()
+
+    def forget(self):
+        """Drop the derived tensors and the forms chosen per token bucket."""
+        self.key, self.tensors, self.paths = None, {}, {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__, prepared_key=None)  # weak references: the prepared buffers are re-derived
+        state.update(key=None, tensors={}, paths={})
+        return state
+
+    # -- invalidation -------------------------------------------------------------------------------------
+    def refresh(self, layer):
+        """Forget the cache; re-derive the prepared buffers in place (see :meth:`LinearLoSparse.refresh`)."""
+        self.forget()
+        if self.prepared is not None:
+            self.refresh_prepared(layer)
+
+    def moved(self):
+        """After ``.to()``/``.half()``: the cache is rebuilt and the prepared buffers re-derived on next use."""
+        self.forget()
+        self.prepared_key = None
+
+    # -- choice ---------------------------------------------------------------------------------------------
+    def path_for(self, layer, x2):
+        """The form for this many tokens: ``compact_path`` if set, else the cheapest by :func:`_path_costs`
+        (deterministic, the same on every rank), or with ``path_choice = "timed"`` the fastest by one timing per
+        shape class (:class:`_TimedChoices`); the choice is kept per token bucket (powers of two)."""
+        if self.compact_path is not None:
+            return self.compact_path
+        bucket = max(1, x2.shape[0]).bit_length()
+        if bucket in self.paths:
+            return self.paths[bucket]
+        candidates = COMPACT_PATHS if self.prefer == "speed" else COMPACT_PATHS[:-1]
+        compiling = torch.compiler.is_compiling()
+        capturing = x2.is_cuda and torch.cuda.is_current_stream_capturing()
+        if self.path_choice == "timed" and not compiling and not capturing:
+            path = self.timings.choose(layer, x2, candidates)
+            keep = set(self.paths.values()) | {path}
+            self.tensors = {p: d for p, d in self.tensors.items() if p in keep}  # only the chosen forms stay
+        else:
+            costs = _path_costs(layer.in_feature, layer.out_feature, layer.reduced_rank,
+                                layer._kept_index().numel(), 1 << (bucket - 1), x2.element_size(), x2.device.type,
+                                cols=layer.sparse_weight_pruned_cols is not None)
+            path = min(candidates, key=costs.__getitem__)
+        if not compiling:
+            self.paths[bucket] = path
+        return path
+
+    def path_for_tokens(self, layer, tokens):
+        """The form the layer's own rule picks for ``tokens`` rows per call; leaves nothing cached."""
+        w = layer.left.weight
+        if w.is_cuda:  # a timed choice runs on real memory
+            x2 = torch.zeros(tokens, layer.in_feature, device=w.device, dtype=w.dtype)
+        else:  # the cost model reads only the shape, the element size and the device type
+            x2 = torch.zeros((), device=w.device, dtype=w.dtype).expand(tokens, layer.in_feature)
+        with torch.no_grad():
+            path = self.path_for(layer, x2)
+        self.forget()
+        return path
+
+    def describe(self):
+        """The forms taken so far, by token count: ``"fused"``, ``"fused<=127,merged"`` (up to 127 tokens
+        ``fused``, above ``merged``); ``"pending"`` before the first inference call."""
+        if self.prepared is not None:  # prepare_for_inference: one form for every call
+            return self.prepared
+        if self.compact_path is not None:
+            return self.compact_path
+        paths = sorted(self.paths.items())
+        if not paths:  # under torch.compile the choice is not stored; the latest call's is known
+            return self.last_path or "pending"
+        parts = [p if b == paths[-1][0] else f"{p}<={(1 << b) - 1}" for b, p in paths]
+        runs = [parts[0]]
+        for (b, p), part in zip(paths[1:], parts[1:]):  # one entry per run of the same path
+            if p == runs[-1].split("<=")[0]:
+                runs[-1] = part
+            else:
+                runs.append(part)
+        return ",".join(runs)
+
+    # -- derived tensors ------------------------------------------------------------------------------------
+    def derived(self, layer, path):
+        """The cached tensors of ``path``; all rebuilt when a source tensor was replaced or modified in place."""
+        if not _key_holds(layer, self.key):
+            self.tensors, self.key = {}, _sources_key(layer)
+        if path not in self.tensors:
+            with torch.inference_mode(False), torch.no_grad():
+                self.tensors[path] = _derive(layer, path)
+        return self.tensors[path]
+
+    def prepare(self, layer, path):
+        """Hold ``path``'s tensors as the layer's buffers from now on (:func:`prepare_for_inference`)."""
+        self.prepared = path
+        self.refresh_prepared(layer)
+
+    def refresh_prepared(self, layer):
+        """Re-derive the prepared form's tensors into the layer's buffers: in place when shape, dtype and device
+        hold (a compiled graph or a CUDA graph keeps reading the same storage), else as new buffers."""
+        with torch.inference_mode(False), torch.no_grad():
+            d = _derive(layer, self.prepared)
+            tensors = {key: t for key, t in d.items() if torch.is_tensor(t)}
+            for name in [b for b in layer._buffers if b.startswith(_PREPARED_PREFIX)]:
+                if name[len(_PREPARED_PREFIX):] not in tensors:  # another form's, from an earlier preparation
+                    del layer._buffers[name]
+            params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+            for key, t in tensors.items():
+                name = _PREPARED_PREFIX + key
+                if t.untyped_storage().data_ptr() in params:
+                    t = t.clone()  # a view of a parameter (the bias column): a buffer of its own
+                buf = layer._buffers.get(name)
+                if buf is not None and buf.shape == t.shape and buf.dtype == t.dtype and buf.device == t.device:
+                    buf.copy_(t)
+                else:
+                    layer.register_buffer(name, t, persistent=False)
+        self.prepared_meta = {key: v for key, v in d.items() if key not in tensors}
+        self.prepared_key = _sources_key(layer)
+
+    def _prepared_tensors(self, layer, x2):
+        """The prepared form's tensors (buffers); eager calls re-derive stale ones first."""
+        if not torch.compiler.is_compiling() and not (x2.is_cuda and torch.cuda.is_current_stream_capturing()):
+            if not _key_holds(layer, self.prepared_key):
+                self.refresh_prepared(layer)
+        d = dict(self.prepared_meta)
+        d.update({name[len(_PREPARED_PREFIX):]: t for name, t in layer._buffers.items()
+                  if name.startswith(_PREPARED_PREFIX)})
+        return d
+
+    # -- the forward -----------------------------------------------------------------------------------------
+    def forward(self, layer, x):
+        """Inference of a compacted layer: x flattened to 2-D (the bias stays in the GEMM), one form of
+        :data:`COMPACT_PATHS` run on derived tensors: the prepared buffers, else the cached tensors of the form
+        chosen for this token bucket, reused while L, R, S, the bias and the kept indices are the same tensors,
+        unmodified. Under ``torch.compile`` (and with ``cache_derived = False``) they are derived on every call,
+        inside the graph."""
+        shape = x.shape
+        x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
+        if self.prepared is not None:
+            path, d = self.prepared, self._prepared_tensors(layer, x2)
+        else:
+            path = self.path_for(layer, x2)
+            if torch.compiler.is_compiling() or not self.cache_derived:
+                d = _derive(layer, path)
+            else:
+                d = self.derived(layer, path)
+        self.last_path = path
+        y = _COMPACT_FORWARDS[path](x2, d, layer._kept_index(), layer.bias)
+        return y if x.dim() == 2 else y.view(*shape[:-1], layer.out_feature)
 
 
 class LinearLoSparse(nn.Module):
@@ -479,11 +699,9 @@ class LinearLoSparse(nn.Module):
     when measured fastest); ``"memory"`` never builds it. ``compact_path`` forces one form. Setting any of them
     takes effect on the next call. ``last_path`` is the form of the latest inference call. ``cache_derived =
     False`` derives the tensors on every call instead of caching them. :meth:`refresh` drops the cached tensors
-    (call it after editing weights in a way PyTorch does not version, e.g. through ``.data``).
+    (call it after editing weights in a way PyTorch does not version, e.g. through ``.data``). All of that state
+    lives in one :class:`_FastPath` object, ``layer._fast``.
     """
-
-    last_path = None
-    _prepared_path = None  # set by prepare_for_inference
 
     def __init__(self, in_feature, out_feature, reduced_rank, has_bias=True, has_sparse=True, device=None,
                  dtype=None):
@@ -506,49 +724,59 @@ class LinearLoSparse(nn.Module):
         self.register_buffer("nonzero_idx", None)  # their row indices (k)
         self.register_parameter("sparse_weight_pruned_cols", None)  # or: kept columns of S (out x k)
         self.register_buffer("nonzero_col_idx", None)  # their column indices (k)
+        self._fast = _FastPath()
         self.register_load_state_dict_post_hook(LinearLoSparse._invalidate_derived)
 
-    # -- inference settings: each takes effect on the next call ---------------------------------------
+    # -- inference settings (held by ``_fast``): each takes effect on the next call ----------------------
     @property
     def prefer(self):
-        return self.__dict__.get("_prefer", "speed")
+        return self._fast.prefer
 
     @prefer.setter
     def prefer(self, value):
         _check_prefer(value)
-        self.__dict__["_prefer"] = value
+        self._fast.prefer = value
         self.refresh()
 
     @property
     def compact_path(self):
-        return self.__dict__.get("_compact_path")
+        return self._fast.compact_path
 
     @compact_path.setter
     def compact_path(self, value):
         if value is not None and value not in _COMPACT_FORWARDS:
             raise ValueError(f"compact_path={value!r}: allowed values are None, " + ", ".join(map(repr, COMPACT_PATHS)))
-        self.__dict__["_compact_path"] = value
+        self._fast.compact_path = value
         self.refresh()
 
     @property
     def path_choice(self):
-        return self.__dict__.get("_path_choice", "cost")
+        return self._fast.path_choice
 
     @path_choice.setter
     def path_choice(self, value):
         if value not in PATH_CHOICES:
             raise ValueError(f"path_choice={value!r}: allowed values are " + ", ".join(map(repr, PATH_CHOICES)))
-        self.__dict__["_path_choice"] = value
+        self._fast.path_choice = value
         self.refresh()
 
     @property
     def cache_derived(self):
-        return self.__dict__.get("_cache_derived", True)
+        return self._fast.cache_derived
 
     @cache_derived.setter
     def cache_derived(self, value):
-        self.__dict__["_cache_derived"] = bool(value)
+        self._fast.cache_derived = bool(value)
         self.refresh()
+
+    @property
+    def last_path(self):
+        """The form of the latest compacted inference call (None before it)."""
+        return self._fast.last_path
+
+    @last_path.setter
+    def last_path(self, value):
+        self._fast.last_path = value
 
     # -- shapes ---------------------------------------------------------------------------------------
     @property
@@ -617,27 +845,34 @@ class LinearLoSparse(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, x):
-        """Y = X (LR)^T + X S^T + B. The bias rides in the GEMM epilogue, so autocast keeps one dtype.
+        """Y = X (LR)^T + X S^T + B, in one of three ways (the bias rides in the GEMM epilogue throughout):
 
-        Uncompacted (dense S, training), a call with many rows multiplies by the merged ``L R + S``
-        (:class:`_MergedLinear`), one with few rows runs the factored formula (:func:`_merge_pays`).
-        Compacted and without a gradient to compute for the layer's weights (inference), it runs one of the
-        forms of :data:`COMPACT_PATHS` on tensors derived once from L, R and the kept rows of S (see
-        :meth:`_compact_forward`). Otherwise (training) it computes ``X [R; S_kept]^T`` as one GEMM when x
-        has at least ``r + k`` rows, then ``H L^T + B`` and an in-place ``index_add_`` of the k sparse columns,
-        all through autograd (column form: ``H L^T + B + X[..., idx] S_cols^T``).
+        1. uncompacted (dense S: training, and any use before :func:`prune`): :meth:`_forward_dense_s`;
+        2. compacted, with a gradient to compute for the layer's weights (training a compacted model, e.g.
+           distillation): :meth:`_forward_kept`, through autograd;
+        3. compacted inference: one of the forms of :data:`COMPACT_PATHS` on tensors derived once from L, R
+           and the kept part of S (:meth:`_FastPath.forward`).
         """
+        if not self.is_compacted:
+            return self._forward_dense_s(x)
+        if torch.is_grad_enabled() and self._weights_need_grad():
+            return self._forward_kept(x)
+        return self._fast.forward(self, x)
+
+    def _forward_dense_s(self, x):
+        """A call with many rows multiplies by the merged ``L R + S`` (:class:`_MergedLinear`), one with few
+        rows runs the factored formula (:func:`_merge_pays`); without S, ``x R^T L^T + b``."""
         if not self.has_sparse:
             return F.linear(self.right(x), self.left.weight, self.bias)
-        if not self.is_compacted:
-            if _merge_pays(x.numel() // x.shape[-1], self.in_feature, self.out_feature):
-                dev = x.device.type
-                dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-                return _MergedLinear.apply(x, self.left.weight, self.right.weight, self.sparse.weight, self.bias,
-                                           dtype)
-            return F.linear(self.right(x), self.left.weight, self.bias) + self.sparse(x)
-        if not (torch.is_grad_enabled() and self._weights_need_grad()):
-            return self._compact_forward(x)
+        if _merge_pays(x.numel() // x.shape[-1], self.in_feature, self.out_feature):
+            dev = x.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+            return _MergedLinear.apply(x, self.left.weight, self.right.weight, self.sparse.weight, self.bias, dtype)
+        return F.linear(self.right(x), self.left.weight, self.bias) + self.sparse(x)
+
+    def _forward_kept(self, x):
+        """``X [R; S_kept]^T`` as one GEMM when x has at least ``r + k`` rows, then ``H L^T + B`` and an in-place
+        ``index_add_`` of the k sparse columns (column form: ``H L^T + B + X[..., idx] S_cols^T``)."""
         if self.sparse_weight_pruned_cols is not None:
             y = F.linear(self.right(x), self.left.weight, self.bias)
             if self.nonzero_col_idx.numel() == 0:
@@ -653,33 +888,12 @@ class LinearLoSparse(nn.Module):
             h, z = self.right(x), F.linear(x, self.sparse_weight_pruned)
         return F.linear(h, self.left.weight, self.bias).index_add_(-1, self.nonzero_idx, z)
 
-    # -- compacted inference ----------------------------------------------------------------------------
     def _weights_need_grad(self):
         return any(p.requires_grad for p in (self.left.weight, self.right.weight, self.sparse_weight_pruned,
                                              self.sparse_weight_pruned_cols, self.bias) if p is not None)
 
     def _kept_index(self):
         return self.nonzero_idx if self.sparse_weight_pruned is not None else self.nonzero_col_idx
-
-    def _compact_forward(self, x):
-        """Inference of a compacted layer: x is flattened to 2-D (the bias stays in the GEMM), the path is
-        chosen per token-count bucket (:meth:`_path_for`), and the path's derived tensors are reused while L,
-        R, S, the bias and the kept indices are the same tensors, unmodified (:meth:`_derived_for`). Under
-        ``torch.compile`` (and with ``cache_derived = False``) they are derived on every call, inside the graph. A layer prepared by
-        :func:`prepare_for_inference` runs on its buffers instead (:func:`_prepared_forward`).
-        """
-        if self._prepared_path is not None:  # prepare_for_inference: derived once, held as buffers
-            return _prepared_forward(self, x)
-        shape = x.shape
-        x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
-        path = self._path_for(x2)
-        if torch.compiler.is_compiling() or not self.cache_derived:
-            d = self._derive(path)
-        else:
-            d = self._derived_for(path)
-        self.last_path = path
-        y = _COMPACT_FORWARDS[path](x2, d, self._kept_index(), self.bias)
-        return y if x.dim() == 2 else y.view(*shape[:-1], self.out_feature)
 
     def _sources(self):
         """L, R, the kept part of S, its indices and the bias (read from the module dicts: called every call)."""
@@ -688,33 +902,7 @@ class LinearLoSparse(nn.Module):
                             p["sparse_weight_pruned"], b["nonzero_idx"], p["sparse_weight_pruned_cols"],
                             b["nonzero_col_idx"], p["bias"]) if t is not None]
 
-    def _derived_key(self):
-        """The source tensors (by weak reference: a new tensor at a freed address is not taken for the old one)
-        with their stamps (:func:`_tensor_stamp`)."""
-        return tuple((weakref.ref(t), _tensor_stamp(t)) for t in self._sources())
-
-    def _derived_state(self):
-        state = self.__dict__.get("_derived")
-        if state is None:
-            state = self.__dict__["_derived"] = _Derived()
-        return state
-
-    def _key_holds(self, key):
-        """Whether ``key`` (from :meth:`_derived_key`) still describes the source tensors."""
-        sources = self._sources()
-        return key is not None and len(key) == len(sources) and all(
-            ref() is t and stamp == _tensor_stamp(t) for (ref, stamp), t in zip(key, sources))
-
-    def _derived_for(self, path):
-        """The cached tensors of ``path``; all rebuilt when a source tensor was replaced or modified in place."""
-        state = self._derived_state()
-        if not self._key_holds(state.key):
-            state.tensors, state.key = {}, self._derived_key()
-        if path not in state.tensors:
-            with torch.inference_mode(False), torch.no_grad():
-                state.tensors[path] = self._derive(path)
-        return state.tensors[path]
-
+    # -- invalidation of what inference derived ------------------------------------------------------------
     def refresh(self):
         """Forget the derived inference tensors and the forms chosen so far; the next call rebuilds them.
 
@@ -725,87 +913,14 @@ class LinearLoSparse(nn.Module):
         A layer prepared by :func:`prepare_for_inference` re-derives its buffers in place (a compiled model or a
         captured CUDA graph then reads the new values).
         """
-        self.__dict__["_derived"] = None
-        if self._prepared_path is not None:
-            _refresh_prepared(self)
+        self._fast.refresh(self)
 
     def _invalidate_derived(self, *args, **kwargs):  # load_state_dict post-hook
         self.refresh()
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .half(), .cuda(): derived tensors follow on next use
-        self.__dict__["_derived"] = None
-        self.__dict__["_prepared_key"] = None  # prepared buffers move with the module; re-derived on next call
+        self._fast.moved()
         return super()._apply(fn, *args, **kwargs)
-
-    def __getstate__(self):  # pickle / deepcopy: the derived tensors are rebuilt, not copied
-        state = self.__dict__.copy()
-        state["_derived"] = None
-        return state
-
-    def _derive(self, path):
-        """Tensors that ``path`` multiplies by, from the current weights (no gradient).
-
-        Row form: ``rs`` = ``[R; 0; S_kept; 0]`` with r and k rounded up to multiples of 8 (zero rows), so the
-        GEMMs' inner and output sizes stay multiples of 8; ``L`` gets matching zero columns. Column form:
-        ``R`` and ``L`` padded the same way, ``S_cols`` as it is (``onehot``: ``[R; 0; E; 0]`` and
-        ``[L | 0 | S_cols | 0]``). ``merged`` is the dense ``L R + S``.
-        """
-        L, R = self.left.weight.detach(), self.right.weight.detach()
-        cols = self.sparse_weight_pruned_cols is not None
-        S = (self.sparse_weight_pruned_cols if cols else self.sparse_weight_pruned).detach()
-        idx = self._kept_index()
-        r, k = self.reduced_rank, idx.numel()
-        if path == "merged":
-            acc = torch.promote_types(L.dtype, torch.float32)  # bf16/fp16 weights: summed in fp32
-            return {"w": torch.mm(L.to(acc), R.to(acc)).index_add_(1 if cols else 0, idx, S.to(acc)).to(L.dtype)}
-        r8, k8 = _ceil8(r), _ceil8(k)
-        lpad = torch.cat([L, L.new_zeros(L.shape[0], r8 - r)], dim=1)
-        b_col = None if self.bias is None else self.bias.detach()[:, None]
-        if cols:
-            rpad = torch.cat([R, R.new_zeros(r8 - r, R.shape[1])])
-            if path == "onehot":  # E[j, idx[j]] = 1: x E^T = x[:, idx]
-                onehot = R.new_zeros(k8, R.shape[1])
-                onehot[torch.arange(k, device=idx.device), idx] = 1
-                return {"rs_t": torch.cat([rpad, onehot]).t(),
-                        "lp_t": torch.cat([lpad, S, S.new_zeros(S.shape[0], k8 - k)], dim=1).t(), "r8": r8, "k": k}
-            if path == "transposed":
-                return {"r": rpad, "l": lpad, "s": S, "b_col": b_col, "r8": r8, "k": k, "cols": True}
-            return {"r_t": rpad.t(), "l_t": lpad.t(), "s_t": S.t(), "r8": r8, "k": k, "cols": True}
-        rs = torch.cat([R, R.new_zeros(r8 - r, R.shape[1]), S, S.new_zeros(k8 - k, S.shape[1])])
-        if path == "onehot":  # [L | P] with P[idx[j], j] = 1: the sparse rows' add becomes part of the GEMM
-            onehot = L.new_zeros(L.shape[0], k8)
-            onehot[idx, torch.arange(k, device=idx.device)] = 1
-            return {"rs_t": rs.t(), "lp_t": torch.cat([lpad, onehot], dim=1).t(), "r8": r8, "k": k}
-        if path == "transposed":
-            return {"rs": rs, "l": lpad, "b_col": b_col, "r8": r8, "k": k}
-        return {"rs_t": rs.t(), "l_t": lpad.t(), "r8": r8, "k": k}
-
-    def _path_for(self, x2):
-        """The path for this many tokens: ``compact_path`` if set, else the cheapest by :func:`_path_costs`
-        (deterministic, the same on every rank), or with ``path_choice = "timed"`` the fastest by one timing per
-        shape class (:func:`_timed_choice`); the choice is kept per token bucket (powers of two)."""
-        if self.compact_path is not None:
-            return self.compact_path
-        n = x2.shape[0]
-        bucket = max(1, n).bit_length()
-        state = self._derived_state()
-        if bucket in state.paths:
-            return state.paths[bucket]
-        candidates = COMPACT_PATHS if self.prefer == "speed" else COMPACT_PATHS[:-1]
-        compiling = torch.compiler.is_compiling()
-        capturing = x2.is_cuda and torch.cuda.is_current_stream_capturing()
-        if self.path_choice == "timed" and not compiling and not capturing:
-            path = _timed_choice(self, x2, candidates)
-            keep = set(state.paths.values()) | {path}
-            state.tensors = {p: d for p, d in state.tensors.items() if p in keep}  # only the chosen forms stay
-        else:
-            costs = _path_costs(self.in_feature, self.out_feature, self.reduced_rank, self._kept_index().numel(),
-                                1 << (bucket - 1), x2.element_size(), x2.device.type,
-                                cols=self.sparse_weight_pruned_cols is not None)
-            path = min(candidates, key=costs.__getitem__)
-        if not compiling:
-            state.paths[bucket] = path
-        return path
 
     # -- weights --------------------------------------------------------------------------------------
     def initialize_weight(self, left_weight, right_weight, sparse_weight=None, bias=None):
@@ -1104,9 +1219,13 @@ def one_shot_rows(module, input_cov, kept_fraction, normalize=True):
     return info
 
 
-def _check_prefer(prefer):
-    if prefer not in PREFER_CHOICES:
-        raise ValueError(f"prefer={prefer!r}: allowed values are {', '.join(map(repr, PREFER_CHOICES))}")
+def _share_timed_choices(module):
+    """Give every :class:`LinearLoSparse` of ``module`` one :class:`_TimedChoices` (one timing per shape class
+    and model)."""
+    shared = _TimedChoices()
+    for m in module.modules():
+        if isinstance(m, LinearLoSparse):
+            m._fast.timings = shared
 
 
 def prune(module, prefer="speed"):
@@ -1117,8 +1236,8 @@ def prune(module, prefer="speed"):
     builds it. Each S keeps its nonzero rows, or its nonzero columns when those store less (column-structured
     pruning). A layer whose S has neither a zero row nor a zero column (not pruned, or pruned unstructured)
     gains nothing: it is named in a warning, and :func:`export_compact` stores it as one dense matrix when
-    that is smaller. Returns the number of
-    layers compacted. Re-create the optimizer afterwards: the parameters changed.
+    that is smaller. The layers of ``module`` share one memo of timed form choices (``path_choice = "timed"``).
+    Returns the number of layers compacted. Re-create the optimizer afterwards: the parameters changed.
     """
     _refuse_sharded(module, "prune")
     _check_prefer(prefer)
@@ -1131,6 +1250,7 @@ def prune(module, prefer="speed"):
             if kept == (m.out_feature if form == "rows" else m.in_feature):
                 no_gain.append(name)
         m.prefer = prefer
+    _share_timed_choices(module)
     if no_gain:
         logger.warning("LoSparse: %d layer(s) kept every row and every column of S (not pruned, or pruned "
                        "unstructured: --structured_method none): compaction saves nothing there, and export_compact "
@@ -1149,10 +1269,6 @@ def refresh(module):
     return len(layers)
 
 
-# Inference preparation: derived tensors held as buffers, for torch.compile and CUDA graphs --------------------
-# The tensors of the prepared form (LinearLoSparse._derive) are non-persistent buffers named _prepared_<key>; the
-# non-tensor entries (padded sizes, row or column form) are kept in the layer's __dict__.
-_PREPARED_PREFIX = "_prepared_"
 PREPARE_TOKENS = 4096  # rows per call a path is chosen for by default (BERT b32 x 128)
 
 
@@ -1162,10 +1278,10 @@ def prepare_for_inference(module, tokens=None, path=None):
     For ``torch.compile`` (``fullgraph=True``, ``mode="reduce-overhead"``) and CUDA graphs: the graph reads the
     buffers as inputs instead of building ``[R; S_kept]``, the padded ``L`` (or the merged weight) on every
     call. Each layer runs one form of :data:`COMPACT_PATHS` for all calls: ``path`` if given, else the one the
-    layer picks (``compact_path``, ``prefer``; cost model on CPU, one timing on CUDA) for ``tokens`` rows per
-    call (batch x sequence length; default :data:`PREPARE_TOKENS`). The buffers are not in the state dict
-    (keys and checkpoints unchanged), follow ``.to()``, and take about as much memory as the compacted weights
-    (the dense matrix for ``merged``).
+    layer picks (``compact_path``, ``prefer``; the cost model, or a timing with ``path_choice = "timed"``) for
+    ``tokens`` rows per call (batch x sequence length; default :data:`PREPARE_TOKENS`). The buffers
+    (``_prepared_<name>``) are not in the state dict (keys and checkpoints unchanged), follow ``.to()``, and take
+    about as much memory as the compacted weights (the dense matrix for ``merged``).
 
     Weights changed afterwards (in place, ``load_state_dict``, an optimizer step): an eager call notices it
     (version counters) and re-derives the buffers. A compiled model or a captured CUDA graph does not look:
@@ -1184,67 +1300,14 @@ def prepare_for_inference(module, tokens=None, path=None):
         raise ValueError("prepare_for_inference: the model has no compacted LinearLoSparse layer; call "
                          "utils.prune(model) (or load it with utils.load_compact) first")
     for m in layers:
+        fast = m._fast
         chosen = path
-        if chosen is None and (tokens is not None or m._prepared_path is None):
-            chosen = _choose_path(m, tokens or PREPARE_TOKENS)
-        if chosen is not None:
-            m._prepared_path = chosen
-        _refresh_prepared(m)
+        if chosen is None and (tokens is not None or fast.prepared is None):
+            chosen = fast.path_for_tokens(m, tokens or PREPARE_TOKENS)
+        fast.prepare(m, chosen or fast.prepared)
     logger.info("LoSparse: prepared %d compacted layers for inference (%s)", len(layers),
-                ", ".join(sorted({m._prepared_path for m in layers})))
+                ", ".join(sorted({m._fast.prepared for m in layers})))
     return len(layers)
-
-
-def _choose_path(layer, tokens):
-    """The path ``layer`` takes for ``tokens`` rows (its own rule); drops what the choice cached."""
-    w = layer.left.weight
-    if w.is_cuda:  # timed on real memory
-        x2 = torch.zeros(tokens, layer.in_feature, device=w.device, dtype=w.dtype)
-    else:  # the cost model reads only the shape, the element size and the device type
-        x2 = torch.zeros((), device=w.device, dtype=w.dtype).expand(tokens, layer.in_feature)
-    layer._prepared_path = None
-    with torch.no_grad():
-        path = layer._path_for(x2)
-    layer._invalidate_derived()
-    return path
-
-
-def _refresh_prepared(layer):
-    """Re-derive the prepared path's tensors into the layer's buffers: in place when shape, dtype and device
-    hold (a compiled graph or a CUDA graph keeps reading the same storage), else as new buffers."""
-    with torch.inference_mode(False), torch.no_grad():
-        d = layer._derive(layer._prepared_path)
-        tensors = {key: t for key, t in d.items() if torch.is_tensor(t)}
-        for name in [b for b in layer._buffers if b.startswith(_PREPARED_PREFIX)]:
-            if name[len(_PREPARED_PREFIX):] not in tensors:  # another path's, from an earlier preparation
-                del layer._buffers[name]
-        params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-        for key, t in tensors.items():
-            name = _PREPARED_PREFIX + key
-            if t.untyped_storage().data_ptr() in params:
-                t = t.clone()  # a view of a parameter (the bias column): a buffer of its own
-            buf = layer._buffers.get(name)
-            if buf is not None and buf.shape == t.shape and buf.dtype == t.dtype and buf.device == t.device:
-                buf.copy_(t)
-            else:
-                layer.register_buffer(name, t, persistent=False)
-    layer.__dict__["_prepared_meta"] = {key: v for key, v in d.items() if key not in tensors}
-    layer.__dict__["_prepared_key"] = layer._derived_key()
-
-
-def _prepared_forward(layer, x):
-    """Compacted inference on the buffers of :func:`prepare_for_inference`; eager calls refresh stale ones."""
-    if not torch.compiler.is_compiling() and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-        if not layer._key_holds(layer.__dict__.get("_prepared_key")):
-            _refresh_prepared(layer)
-    path = layer._prepared_path
-    d = dict(layer.__dict__["_prepared_meta"])
-    d.update({name[len(_PREPARED_PREFIX):]: t for name, t in layer._buffers.items() if name.startswith(_PREPARED_PREFIX)})
-    layer.last_path = path
-    shape = x.shape
-    x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
-    y = _COMPACT_FORWARDS[path](x2, d, layer._kept_index(), layer.bias)
-    return y if x.dim() == 2 else y.view(*shape[:-1], layer.out_feature)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1812,33 +1875,32 @@ def _refuse_sharded(model, what):
                          "with utils.fsdp2_full_model(model), called on every rank")
 
 
-def _read_state_dict(path_or_state_dict):
-    if isinstance(path_or_state_dict, dict):
-        return dict(path_or_state_dict)
-    path = Path(path_or_state_dict)
-    if path.is_dir():
-        for cand in ("pytorch_model.bin", "model.safetensors", "losparse_model.safetensors"):
-            if (path / cand).is_file():
-                path = path / cand
-                break
-        else:
-            raise FileNotFoundError(f"no pytorch_model.bin or model.safetensors in {path}")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    problem = _checkpoint_file_problem(path)  # a cheap look at the header and the end of the file first
-    if problem is not None:
-        raise CheckpointFileError(f"{path}: truncated or not a checkpoint ({path.stat().st_size} bytes; {problem})")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # e.g. a damaged member of the zip
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointFileError(f"{path}: cannot be read as a checkpoint ({path.stat().st_size} bytes; "
-                                  f"{reason})") from None
+def _set_submodule(root, name, new):
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
 
 
+def _mismatch_message(missing, unexpected, mismatched, limit=20):
+    parts = ["checkpoint does not fit the model (wrong base model or task head?)"]
+    for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched)):
+        if keys:
+            more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+            parts.append(f"{title} ({len(keys)}): " + ", ".join(keys[:limit]) + more)
+    return "\n".join(parts)
+
+
+def _unmatched_keys(own, sd):
+    """``(missing, unexpected, mismatched)``: keys of the model's state dict ``own`` that ``sd`` lacks, keys of
+    ``sd`` the model lacks, and ``"key: file (shape) vs model (shape)"`` for the rest that differ in shape."""
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
+    return missing, unexpected, mismatched
+
+
+# -- reading a checkpoint file ------------------------------------------------------------------------------
 def _checkpoint_file_problem(path):
     """Why ``path`` is not a complete torch / safetensors checkpoint file, or None; reads only its header and
     table of contents (torch's zip central directory, safetensors' JSON header), not the tensors."""
@@ -1869,10 +1931,54 @@ def _checkpoint_file_problem(path):
     return "neither a torch.save zip nor a pickle"
 
 
-def _set_submodule(root, name, new):
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, new)
+def _read_state_dict(path_or_state_dict):
+    if isinstance(path_or_state_dict, dict):
+        return dict(path_or_state_dict)
+    path = Path(path_or_state_dict)
+    if path.is_dir():
+        for cand in ("pytorch_model.bin", "model.safetensors", "losparse_model.safetensors"):
+            if (path / cand).is_file():
+                path = path / cand
+                break
+        else:
+            raise FileNotFoundError(f"no pytorch_model.bin or model.safetensors in {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    problem = _checkpoint_file_problem(path)  # a cheap look at the header and the end of the file first
+    if problem is not None:
+        raise CheckpointFileError(f"{path}: truncated or not a checkpoint ({path.stat().st_size} bytes; {problem})")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # e.g. a damaged member of the zip
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointFileError(f"{path}: cannot be read as a checkpoint ({path.stat().st_size} bytes; "
+                                  f"{reason})") from None
+
+
+# -- the original checkpoint layout: load_checkpoint / save_checkpoint ----------------------------------------
+def _nonzero_rows_from_dense(dense, k, prefix):
+    idx = torch.nonzero((dense != 0).any(dim=1)).flatten()
+    if idx.numel() != k:  # the original kept rows whose signed sum was nonzero
+        idx = torch.nonzero(dense.sum(dim=1)).flatten()
+    if idx.numel() != k:
+        raise CheckpointMismatchError(f"{prefix}sparse_weight_pruned has {k} rows but {prefix}sparse.weight has "
+                                      f"{idx.numel()} nonzero rows; cannot place the kept rows")
+    return idx
+
+
+def _place_kept_rows(sd, prefix):
+    """Original distilled checkpoints hold ``sparse_weight_pruned`` beside the dense ``sparse.weight`` and no
+    ``nonzero_idx``: replace the dense S by the indices of its nonzero rows (in ``sd``)."""
+    if prefix + "sparse_weight_pruned" not in sd or prefix + "nonzero_idx" in sd:
+        return
+    if prefix + "sparse.weight" not in sd:
+        raise CheckpointMismatchError(f"{prefix}sparse_weight_pruned without {prefix}nonzero_idx or "
+                                      f"{prefix}sparse.weight: cannot place the kept rows")
+    dense = sd.pop(prefix + "sparse.weight")
+    sd[prefix + "nonzero_idx"] = _nonzero_rows_from_dense(dense, sd[prefix + "sparse_weight_pruned"].shape[0], prefix)
 
 
 def _layer_for(sd, prefix, in_f, out_f, has_bias, like):
@@ -1892,14 +1998,38 @@ def _layer_for(sd, prefix, in_f, out_f, has_bias, like):
     return layer
 
 
-def _nonzero_rows_from_dense(dense, k, prefix):
-    idx = torch.nonzero((dense != 0).any(dim=1)).flatten()
-    if idx.numel() != k:  # the original kept rows whose signed sum was nonzero
-        idx = torch.nonzero(dense.sum(dim=1)).flatten()
-    if idx.numel() != k:
-        raise CheckpointMismatchError(f"{prefix}sparse_weight_pruned has {k} rows but {prefix}sparse.weight has "
-                                      f"{idx.numel()} nonzero rows; cannot place the kept rows")
-    return idx
+def _reshape_layers_like(target, sd):
+    """Give each layer of ``target`` that ``sd`` holds as LoSparse (a ``left.weight`` key) the file's rank and
+    compaction: a :class:`LinearLoSparse` or ``nn.Linear`` is replaced where its shapes differ from the file's."""
+    modules = dict(target.named_modules())
+    for prefix in sorted({k[: -len("left.weight")] for k in sd if k.endswith("left.weight")}):
+        name = prefix[:-1]
+        mod = modules.get(name)
+        if isinstance(mod, LinearLoSparse):
+            in_f, out_f, has_bias, like = mod.in_feature, mod.out_feature, mod.has_bias, mod.left.weight
+        elif type(mod) is nn.Linear:
+            in_f, out_f, has_bias, like = mod.in_features, mod.out_features, mod.bias is not None, mod.weight
+        else:
+            continue
+        _place_kept_rows(sd, prefix)
+        new = _layer_for(sd, prefix, in_f, out_f, has_bias, like)
+        old_shapes = {k: tuple(v.shape) for k, v in mod.state_dict().items()}
+        new_shapes = {k: tuple(v.shape) for k, v in new.state_dict().items()}
+        if not isinstance(mod, LinearLoSparse) or old_shapes != new_shapes:
+            _set_submodule(target, name, new)
+
+
+def _checkpoint_mismatch(target, own, sd):
+    """:func:`_unmatched_keys`, forgiving tied parameters (e.g. lm_head <-> embeddings) saved once and buffers that
+    this transformers version no longer persists (e.g. position_ids) present in older files."""
+    missing, unexpected, mismatched = _unmatched_keys(own, sd)
+    ptr_keys = {}
+    for k, v in own.items():
+        ptr_keys.setdefault(v.data_ptr(), []).append(k)
+    missing = [k for k in missing if not any(o in sd for o in ptr_keys[own[k].data_ptr()] if o != k)]
+    nonpersistent = {n for n, _ in target.named_buffers()} - set(own)
+    unexpected = [k for k in unexpected if k not in nonpersistent]
+    return missing, unexpected, mismatched
 
 
 def load_checkpoint(model, path_or_state_dict, strict=True):
@@ -1913,46 +2043,10 @@ def load_checkpoint(model, path_or_state_dict, strict=True):
     raise :class:`CheckpointMismatchError` listing them; nothing is loaded in that case.
     """
     target = _unwrap(model)
-    sd = {}
-    for k, v in _read_state_dict(path_or_state_dict).items():
-        sd[_clean_name(k)] = v
-
-    modules = dict(target.named_modules())
-    for prefix in sorted({k[: -len("left.weight")] for k in sd if k.endswith("left.weight")}):
-        name = prefix[:-1]
-        mod = modules.get(name)
-        if isinstance(mod, LinearLoSparse):
-            in_f, out_f, has_bias, like = mod.in_feature, mod.out_feature, mod.has_bias, mod.left.weight
-        elif type(mod) is nn.Linear:
-            in_f, out_f, has_bias, like = mod.in_features, mod.out_features, mod.bias is not None, mod.weight
-        else:
-            continue
-        if prefix + "sparse_weight_pruned" in sd and prefix + "nonzero_idx" not in sd:
-            if prefix + "sparse.weight" not in sd:
-                raise CheckpointMismatchError(f"{prefix}sparse_weight_pruned without {prefix}nonzero_idx or "
-                                              f"{prefix}sparse.weight: cannot place the kept rows")
-            dense = sd.pop(prefix + "sparse.weight")
-            sd[prefix + "nonzero_idx"] = _nonzero_rows_from_dense(dense, sd[prefix + "sparse_weight_pruned"].shape[0],
-                                                                  prefix)
-        new = _layer_for(sd, prefix, in_f, out_f, has_bias, like)
-        old_shapes = {k: tuple(v.shape) for k, v in mod.state_dict().items()}
-        new_shapes = {k: tuple(v.shape) for k, v in new.state_dict().items()}
-        if not isinstance(mod, LinearLoSparse) or old_shapes != new_shapes:
-            _set_submodule(target, name, new)
-
+    sd = {_clean_name(k): v for k, v in _read_state_dict(path_or_state_dict).items()}
+    _reshape_layers_like(target, sd)
     own = target.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    mismatched = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
-    # Tied parameters (e.g. lm_head <-> embeddings) may be saved once; buffers that this transformers
-    # version no longer persists (e.g. position_ids) may be present in older files.
-    ptr_keys = {}
-    for k, v in own.items():
-        ptr_keys.setdefault(v.data_ptr(), []).append(k)
-    missing = [k for k in missing if not any(o in sd for o in ptr_keys[own[k].data_ptr()] if o != k)]
-    nonpersistent = {n for n, _ in target.named_buffers()} - set(own)
-    unexpected = [k for k in unexpected if k not in nonpersistent]
+    missing, unexpected, mismatched = _checkpoint_mismatch(target, own, sd)
     if missing or unexpected or mismatched:
         msg = _mismatch_message(missing, unexpected, mismatched)
         if strict:
@@ -1960,17 +2054,9 @@ def load_checkpoint(model, path_or_state_dict, strict=True):
         logger.warning(msg)
     load = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     target.load_state_dict(load, strict=False)
+    _share_timed_choices(target)
     logger.info("LoSparse: loaded %d tensors from checkpoint", len(load))
     return model
-
-
-def _mismatch_message(missing, unexpected, mismatched, limit=20):
-    parts = ["checkpoint does not fit the model (wrong base model or task head?)"]
-    for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched)):
-        if keys:
-            more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
-            parts.append(f"{title} ({len(keys)}): " + ", ".join(keys[:limit]) + more)
-    return "\n".join(parts)
 
 
 def save_checkpoint(model, path):
@@ -1988,6 +2074,7 @@ def save_checkpoint(model, path):
     return path
 
 
+# -- reporting ------------------------------------------------------------------------------------------------
 def _sparse_stored(layer_entry):
     """Stored parameters of a report entry's S: its kept rows, or kept columns for the column form."""
     return layer_entry.get("sparse_params", layer_entry["kept_rows"] * layer_entry["in_features"])
@@ -2039,28 +2126,36 @@ class CompressionReport:
 
 def _layer_path(m):
     """How the layer runs inference: ``"uncompacted"``, ``"low_rank"`` (no S), or the compacted form(s) it took
-    so far, by token count (``"fused"``, ``"merged"``, ... ; ``"fused<=127,merged"``: up to 127 tokens
-    ``fused``, above ``merged``), ``"pending"`` before its first inference call."""
+    so far (:meth:`_FastPath.describe`: ``"fused"``, ``"fused<=127,merged"``, ``"pending"``, ...)."""
     if not m.has_sparse:
         return "low_rank"
     if not m.is_compacted:
         return "uncompacted"
-    if m._prepared_path is not None:  # prepare_for_inference: one form for every call
-        return m._prepared_path
-    if m.compact_path is not None:
-        return m.compact_path
-    state = m.__dict__.get("_derived")
-    paths = sorted(state.paths.items()) if state is not None else []
-    if not paths:  # under torch.compile the choice is not stored; the latest call's is known
-        return m.last_path or "pending"
-    parts = [p if b == paths[-1][0] else f"{p}<={(1 << b) - 1}" for b, p in paths]
-    runs = [parts[0]]
-    for (b, p), part in zip(paths[1:], parts[1:]):  # one entry per run of the same path
-        if p == runs[-1].split("<=")[0]:
-            runs[-1] = part
-        else:
-            runs.append(part)
-    return ",".join(runs)
+    return m._fast.describe()
+
+
+def _report_entry(name, m):
+    """One layer's line of :func:`compression_report`."""
+    form, kept, stored = m._sparse_form()
+    return {"name": name, "out_features": m.out_feature, "in_features": m.in_feature, "rank": m.reduced_rank,
+            "kept_rows": m.kept_rows, "path": _layer_path(m), "sparse_form": form, "kept": kept,
+            "sparse_params": stored}
+
+
+def _parameter_counts(target):
+    """``(compact, dense, in_memory)``: the parameters an export stores (each LoSparse layer in its compact form,
+    or dense where that is smaller), the same model with dense matrices, and the parameters held now."""
+    losparse = [m for m in target.modules() if isinstance(m, LinearLoSparse)]
+    in_losparse = {id(p) for m in losparse for p in m.parameters()}
+    unique = {id(p): p for p in target.parameters()}.values()
+    in_memory = sum(p.numel() for p in unique)
+    other = sum(p.numel() for p in unique if id(p) not in in_losparse)
+    compact, dense = other, other
+    for m in losparse:
+        dense_layer = m.out_feature * m.in_feature + (m.out_feature if m.has_bias else 0)
+        compact += min(m.num_parameters(compact=True), dense_layer)
+        dense += dense_layer
+    return compact, dense, in_memory
 
 
 def compression_report(model, export_dir=None):
@@ -2071,43 +2166,21 @@ def compression_report(model, export_dir=None):
     ``export_dir`` (an :func:`export_compact` directory) the sizes of its files are reported too.
     """
     target = _unwrap(model)
-    layers, seen = [], set()
-    in_losparse = set()
-    for name, m in target.named_modules():
-        if isinstance(m, LinearLoSparse):
-            form, kept, stored = m._sparse_form()
-            layers.append({"name": name, "out_features": m.out_feature, "in_features": m.in_feature,
-                           "rank": m.reduced_rank, "kept_rows": m.kept_rows, "path": _layer_path(m),
-                           "sparse_form": form, "kept": kept, "sparse_params": stored})
-            for p in m.parameters():
-                in_losparse.add(id(p))
-    other = 0
-    in_memory = 0
-    for p in target.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        in_memory += p.numel()
-        if id(p) not in in_losparse:
-            other += p.numel()
-    compact, dense = other, other
-    for name, m in target.named_modules():
-        if isinstance(m, LinearLoSparse):
-            compact += min(m.num_parameters(compact=True), m.out_feature * m.in_feature +
-                           (m.out_feature if m.has_bias else 0))
-            dense += m.out_feature * m.in_feature + (m.out_feature if m.has_bias else 0)
+    layers = [_report_entry(name, m) for name, m in target.named_modules() if isinstance(m, LinearLoSparse)]
     files = None
     if export_dir is not None:
         files = {f.name: f.stat().st_size for f in sorted(Path(export_dir).iterdir()) if f.is_file()}
-    return CompressionReport(layers, compact, dense, in_memory, files)
+    return CompressionReport(layers, *_parameter_counts(target), files)
 
 
+# -- the compact folder: export_compact / load_compact ------------------------------------------------------------
 # Not "model.safetensors": a transformers class loading the folder without its remote code
 # (LlamaForCausalLM.from_pretrained) finds no weights file and stops, instead of initialising the compressed
 # projections at random.
 COMPACT_WEIGHTS = "losparse_model.safetensors"
 _LEGACY_COMPACT_WEIGHTS = "model.safetensors"  # folders written before the remote-code export
 COMPACT_CONFIG = "losparse_config.json"
+COMPACT_FORMS = ("dense", "losparse", "losparse_cols", "low_rank")  # per-layer "form" in losparse_config.json
 # The transformers remote code an export ships (``trust_remote_code=True``); it lives next to this module.
 REMOTE_CODE_FILE = Path(__file__).resolve().parent / "remote_code" / "modeling_losparse.py"
 # auto_map entries: (transformers mapping of class names, Auto class, entry class of modeling_losparse.py)
@@ -2121,6 +2194,166 @@ _AUTO_ENTRIES = (("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM", "
                   "LoSparseForTokenClassification"),
                  ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "AutoModelForMaskedLM", "LoSparseForMaskedLM"),
                  ("MODEL_MAPPING_NAMES", "AutoModel", "LoSparseModel"))
+
+
+def _kept_part(m, form):
+    """``(kept rows or columns of S, their indices, their two keys)`` of layer ``m`` for ``form`` (``"rows"``,
+    ``"cols"``), read from the dense S of an uncompacted layer; ``(None, None, None)`` without S."""
+    if form == "cols":  # column form: new keys, the row keys stay those of the original
+        keys = ("sparse_weight_pruned_cols", "nonzero_col_idx")
+        if m.is_compacted:
+            return m.sparse_weight_pruned_cols, m.nonzero_col_idx, keys
+        idx = torch.nonzero((m.sparse.weight != 0).any(dim=0)).flatten()
+        return m.sparse.weight[:, idx], idx, keys
+    if form == "rows":
+        keys = ("sparse_weight_pruned", "nonzero_idx")
+        if m.is_compacted:
+            return m.sparse_weight_pruned, m.nonzero_idx, keys
+        idx = torch.nonzero((m.sparse.weight != 0).any(dim=1)).flatten()
+        return m.sparse.weight[idx], idx, keys
+    return None, None, None
+
+
+def _export_layer(m, p, tensors):
+    """Put layer ``m``'s tensors into ``tensors`` under prefix ``p`` and return its ``losparse_config.json`` entry:
+    merged as a plain ``weight`` when its compact form has at least as many parameters as the dense matrix,
+    only L and R when S lost every row, else L, R and the kept rows (or columns) of S."""
+    entry = {"in_features": m.in_feature, "out_features": m.out_feature, "rank": m.reduced_rank,
+             "has_bias": m.has_bias}
+    form = m._sparse_form()[0] if m.has_sparse else None
+    kept, idx, keys = _kept_part(m, form)
+    k = 0 if idx is None else idx.numel()
+    if m.num_parameters(compact=True) - (m.out_feature if m.has_bias else 0) >= m.out_feature * m.in_feature:
+        entry.update(form="dense", kept_rows=m.out_feature)
+        tensors[p + "weight"] = m.merged_weight()
+    else:
+        tensors[p + "left.weight"] = m.left.weight
+        tensors[p + "right.weight"] = m.right.weight
+        if k:
+            tensors[p + keys[0]] = kept
+            tensors[p + keys[1]] = idx
+        if k and form == "cols":
+            entry.update(form="losparse_cols", kept_cols=k, kept_rows=m.out_feature)
+        else:
+            entry.update(form="losparse" if k else "low_rank", kept_rows=k)
+    if m.has_bias:
+        tensors[p + "bias"] = m.bias
+    return entry
+
+
+def _untie(tensors):
+    """``(flat, tied)``: one contiguous CPU copy per distinct tensor, and ``{key: key it shares storage with}``
+    for the others (safetensors stores no shared storage)."""
+    tied, by_ptr, flat = {}, {}, {}
+    for k, v in tensors.items():
+        key = (v.data_ptr(), tuple(v.shape), v.dtype) if v.numel() else None
+        if key is not None and key in by_ptr:
+            tied[k] = by_ptr[key]
+            continue
+        if key is not None:
+            by_ptr[key] = k
+        flat[k] = v.detach().contiguous().cpu().clone()
+    return flat, tied
+
+
+def _jsonable(args):
+    if args is None:
+        return None
+    d = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool, type(None), list))}
+
+
+def _auto_entries(architecture):
+    """``{Auto class: entry class}`` for the transformers Auto classes that load ``architecture``."""
+    from transformers.models.auto import modeling_auto
+
+    found = {}
+    for mapping, auto, entry in _AUTO_ENTRIES:
+        names = getattr(modeling_auto, mapping, {}).values()
+        if any(architecture == n or (isinstance(n, (tuple, list)) and architecture in n) for n in names):
+            found[auto] = f"modeling_losparse.{entry}"
+    return found
+
+
+def _source_name(target):
+    """The name or path the model was loaded from, as its config records it."""
+    return str(getattr(target.config, "name_or_path", None) or target.config.to_dict().get("_name_or_path")
+               or "(not recorded)")
+
+
+def _export_ratios(rep):
+    """The compression figures a remote-code ``config.json`` and the model card give, from a report."""
+    dense = max(1, rep.dense_params)
+    return {"low_rank_ratio": rep.low_rank_params / dense, "kept_sparse_ratio": rep.sparse_params / dense,
+            "effective_ratio": rep.effective_ratio, "parameters": rep.model_params,
+            "parameters_dense": rep.model_params_dense_equivalent}
+
+
+def _remote_config(target, autos, layers, tied, ratios, losparse_args):
+    """``config.json`` of model_type ``losparse``: the model's own config under ``base_config``, an ``auto_map`` to
+    ``modeling_losparse.py``, the compressed layers and the tied keys."""
+    return {"model_type": "losparse", "architectures": [autos[a].split(".")[1] for a in autos][:1],
+            "auto_map": {"AutoConfig": "modeling_losparse.LoSparseConfig", **autos},
+            "base_architecture": type(target).__name__, "base_config": target.config.to_dict(),
+            "losparse_layers": layers, "losparse_tied": tied,
+            "losparse": {"source_model": _source_name(target), **ratios, "args": losparse_args}}
+
+
+def _model_card(out, arch, source, auto, n_layers, ratios, losparse_args):
+    """The lines of the export's ``README.md``: how to load it, what it holds, the command that made it."""
+    import shlex
+
+    size = (out / COMPACT_WEIGHTS).stat().st_size
+    card = [
+        "---", "library_name: transformers", "tags:", "- losparse", "- compression", "- low-rank",
+        "- structured-pruning", *([f"base_model: {source}"] if source != "(not recorded)" and not Path(source).exists()
+                                  else []), "---", "",
+        f"# LoSparse compact model of {source}", "",
+        "Each compressed linear layer `W` of the source model is stored as a low-rank product `L @ R` plus the rows "
+        "of a sparse matrix `S` that survived structured pruning (LoSparse, ICML 2023). Load it with torch and "
+        "transformers only:", "",
+        "```python", f"from transformers import {auto}, AutoTokenizer",
+        f'model = {auto}.from_pretrained("{out.name}", trust_remote_code=True)',
+        f'tokenizer = AutoTokenizer.from_pretrained("{out.name}", trust_remote_code=True)  # reads config.json too',
+        "```", "",
+        "Without `trust_remote_code=True` transformers refuses the folder (its `config.json` has `model_type` "
+        "`losparse`): the compressed layers need `modeling_losparse.py`.", "",
+        "| | |", "|---|---|",
+        f"| source model | `{source}` ({arch}) |",
+        f"| compressed matrices | {n_layers} |",
+        f"| low-rank parameters (L, R) | {ratios['low_rank_ratio']:.2%} of the compressed matrices |",
+        f"| kept rows of S | {ratios['kept_sparse_ratio']:.2%} of the compressed matrices |",
+        f"| effective ratio (L, R and kept rows) | {ratios['effective_ratio']:.2%} |",
+        f"| parameters | {ratios['parameters']:,} (dense source: {ratios['parameters_dense']:,}) |",
+        f"| `{COMPACT_WEIGHTS}` | {size:,} bytes ({size / 2**20:.2f} MiB) |", "",
+        "Made with:", "", "```", "python " + shlex.join(sys.argv), "```", "",
+    ]
+    if losparse_args:
+        card += ["LoSparse flags:", "", "```json", json.dumps(losparse_args, indent=1, sort_keys=True), "```", ""]
+    return card
+
+
+def _write_remote_code_files(target, out, layers, tied, losparse_args):
+    """``config.json`` (model_type ``losparse``), ``modeling_losparse.py``, ``generation_config.json``, README.md."""
+    arch = type(target).__name__
+    autos = _auto_entries(arch)
+    if not autos:
+        logger.warning("LoSparse: %s is not in a transformers Auto mapping; %s loads only with utils.load_compact",
+                       arch, out)
+    ratios = _export_ratios(compression_report(target))
+    config = _remote_config(target, autos, layers, tied, ratios, losparse_args)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    if REMOTE_CODE_FILE.is_file():
+        (out / REMOTE_CODE_FILE.name).write_bytes(REMOTE_CODE_FILE.read_bytes())
+    else:
+        logger.warning("LoSparse: %s not found (utils.py copied alone?); %s loads only with utils.load_compact",
+                       REMOTE_CODE_FILE, out)
+    gen = getattr(target, "generation_config", None)
+    if gen is not None and getattr(target, "can_generate", lambda: False)():
+        gen.save_pretrained(str(out))
+    card = _model_card(out, arch, _source_name(target), next(iter(autos), "AutoModel"), len(layers), ratios,
+                       losparse_args)
+    (out / "README.md").write_text("\n".join(card))
 
 
 @torch.no_grad()
@@ -2146,58 +2379,11 @@ def export_compact(model, output_dir, tokenizer=None, losparse_args=None):
     target = _unwrap(model)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors, layers = {}, {}
     losparse = {name: m for name, m in target.named_modules() if isinstance(m, LinearLoSparse)}
     skip = tuple(name + "." for name in losparse)
-    for k, v in target.state_dict().items():
-        if not k.startswith(skip):
-            tensors[k] = v
-    for name, m in losparse.items():
-        p = name + "."
-        entry = {"in_features": m.in_feature, "out_features": m.out_feature, "rank": m.reduced_rank,
-                 "has_bias": m.has_bias}
-        form = m._sparse_form()[0] if m.has_sparse else None
-        if form == "cols":  # column form: new keys, the row keys stay those of the original
-            rows, idx = (m.sparse_weight_pruned_cols, m.nonzero_col_idx) if m.is_compacted else (None, None)
-            if idx is None:
-                idx = torch.nonzero((m.sparse.weight != 0).any(dim=0)).flatten()
-                rows = m.sparse.weight[:, idx]
-            keys = ("sparse_weight_pruned_cols", "nonzero_col_idx")
-        elif form == "rows":
-            rows, idx = (m.sparse_weight_pruned, m.nonzero_idx) if m.is_compacted else (None, None)
-            if idx is None:
-                idx = torch.nonzero((m.sparse.weight != 0).any(dim=1)).flatten()
-                rows = m.sparse.weight[idx]
-            keys = ("sparse_weight_pruned", "nonzero_idx")
-        else:
-            rows, idx = None, None
-        k = 0 if idx is None else idx.numel()
-        if m.num_parameters(compact=True) - (m.out_feature if m.has_bias else 0) >= m.out_feature * m.in_feature:
-            entry.update(form="dense", kept_rows=m.out_feature)
-            tensors[p + "weight"] = m.merged_weight()
-        else:
-            tensors[p + "left.weight"] = m.left.weight
-            tensors[p + "right.weight"] = m.right.weight
-            if k:
-                tensors[p + keys[0]] = rows
-                tensors[p + keys[1]] = idx
-            if k and form == "cols":
-                entry.update(form="losparse_cols", kept_cols=k, kept_rows=m.out_feature)
-            else:
-                entry.update(form="losparse" if k else "low_rank", kept_rows=k)
-        if m.has_bias:
-            tensors[p + "bias"] = m.bias
-        layers[name] = entry
-    # safetensors stores no shared storage: keep one key per tied tensor and record the others.
-    tied, by_ptr, flat = {}, {}, {}
-    for k, v in tensors.items():
-        key = (v.data_ptr(), tuple(v.shape), v.dtype) if v.numel() else None
-        if key is not None and key in by_ptr:
-            tied[k] = by_ptr[key]
-            continue
-        if key is not None:
-            by_ptr[key] = k
-        flat[k] = v.detach().contiguous().cpu().clone()
+    tensors = {k: v for k, v in target.state_dict().items() if not k.startswith(skip)}
+    layers = {name: _export_layer(m, name + ".", tensors) for name, m in losparse.items()}
+    flat, tied = _untie(tensors)
     save_file(flat, str(out / COMPACT_WEIGHTS), metadata={"format": "pt", "losparse": "1"})
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
@@ -2210,84 +2396,17 @@ def export_compact(model, output_dir, tokenizer=None, losparse_args=None):
     return out
 
 
-def _auto_entries(architecture):
-    """``{Auto class: entry class}`` for the transformers Auto classes that load ``architecture``."""
-    from transformers.models.auto import modeling_auto
-
-    found = {}
-    for mapping, auto, entry in _AUTO_ENTRIES:
-        names = getattr(modeling_auto, mapping, {}).values()
-        if any(architecture == n or (isinstance(n, (tuple, list)) and architecture in n) for n in names):
-            found[auto] = f"modeling_losparse.{entry}"
-    return found
-
-
-def _write_remote_code_files(target, out, layers, tied, losparse_args):
-    """``config.json`` (model_type ``losparse``), ``modeling_losparse.py``, ``generation_config.json``, README.md."""
-    import shlex
-    import sys
-
-    arch = type(target).__name__
-    autos = _auto_entries(arch)
-    if not autos:
-        logger.warning("LoSparse: %s is not in a transformers Auto mapping; %s loads only with utils.load_compact",
-                       arch, out)
-    rep = compression_report(target)
-    dense = max(1, rep.dense_params)
-    ratios = {"low_rank_ratio": rep.low_rank_params / dense, "kept_sparse_ratio": rep.sparse_params / dense,
-              "effective_ratio": rep.effective_ratio, "parameters": rep.model_params,
-              "parameters_dense": rep.model_params_dense_equivalent}
-    base = target.config.to_dict()
-    source = getattr(target.config, "name_or_path", None) or base.get("_name_or_path") or "(not recorded)"
-    config = {"model_type": "losparse", "architectures": [autos[a].split(".")[1] for a in autos][:1],
-              "auto_map": {"AutoConfig": "modeling_losparse.LoSparseConfig", **autos}, "base_architecture": arch,
-              "base_config": base, "losparse_layers": layers, "losparse_tied": tied,
-              "losparse": {"source_model": str(source), **ratios, "args": losparse_args}}
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-    if REMOTE_CODE_FILE.is_file():
-        (out / REMOTE_CODE_FILE.name).write_bytes(REMOTE_CODE_FILE.read_bytes())
-    else:
-        logger.warning("LoSparse: %s not found (utils.py copied alone?); %s loads only with utils.load_compact",
-                       REMOTE_CODE_FILE, out)
-    gen = getattr(target, "generation_config", None)
-    if gen is not None and getattr(target, "can_generate", lambda: False)():
-        gen.save_pretrained(str(out))
-    auto = next(iter(autos), "AutoModel")
-    size = (out / COMPACT_WEIGHTS).stat().st_size
-    card = [
-        "---", "library_name: transformers", "tags:", "- losparse", "- compression", "- low-rank",
-        "- structured-pruning", *([f"base_model: {source}"] if source != "(not recorded)" and not Path(source).exists()
-                                  else []), "---", "",
-        f"# LoSparse compact model of {source}", "",
-        "Each compressed linear layer `W` of the source model is stored as a low-rank product `L @ R` plus the rows "
-        "of a sparse matrix `S` that survived structured pruning (LoSparse, ICML 2023). Load it with torch and "
-        "transformers only:", "",
-        "```python", f"from transformers import {auto}, AutoTokenizer",
-        f'model = {auto}.from_pretrained("{out.name}", trust_remote_code=True)',
-        f'tokenizer = AutoTokenizer.from_pretrained("{out.name}", trust_remote_code=True)  # reads config.json too',
-        "```", "",
-        "Without `trust_remote_code=True` transformers refuses the folder (its `config.json` has `model_type` "
-        "`losparse`): the compressed layers need `modeling_losparse.py`.", "",
-        "| | |", "|---|---|",
-        f"| source model | `{source}` ({arch}) |",
-        f"| compressed matrices | {len(layers)} |",
-        f"| low-rank parameters (L, R) | {ratios['low_rank_ratio']:.2%} of the compressed matrices |",
-        f"| kept rows of S | {ratios['kept_sparse_ratio']:.2%} of the compressed matrices |",
-        f"| effective ratio (L, R and kept rows) | {ratios['effective_ratio']:.2%} |",
-        f"| parameters | {rep.model_params:,} (dense source: {rep.model_params_dense_equivalent:,}) |",
-        f"| `{COMPACT_WEIGHTS}` | {size:,} bytes ({size / 2**20:.2f} MiB) |", "",
-        "Made with:", "", "```", "python " + shlex.join(sys.argv), "```", "",
-    ]
-    if losparse_args:
-        card += ["LoSparse flags:", "", "```json", json.dumps(losparse_args, indent=1, sort_keys=True), "```", ""]
-    (out / "README.md").write_text("\n".join(card))
-
-
-def _jsonable(args):
-    if args is None:
-        return None
-    d = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool, type(None), list))}
+def _read_compact_meta(out):
+    """``losparse_config.json`` of an export folder, with every layer's form checked."""
+    meta_path = out / COMPACT_CONFIG
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: missing; {out} is not an export_compact folder")
+    meta = json.loads(meta_path.read_text())
+    for name, entry in meta["layers"].items():
+        if entry["form"] not in COMPACT_FORMS:
+            raise CheckpointMismatchError(f"{meta_path}: layer {name} has form {entry['form']!r}; allowed values "
+                                          "are " + ", ".join(map(repr, COMPACT_FORMS)))
+    return meta
 
 
 def _compact_base_config(out):
@@ -2308,6 +2427,45 @@ def _compact_base_config(out):
     if not model_type:
         raise CheckpointMismatchError(f"{path}: base_config has no model_type (edited file?)")
     return type(transformers.AutoConfig.for_model(model_type)).from_dict(base)
+
+
+def _compact_weights_file(out):
+    weights = out / COMPACT_WEIGHTS
+    if not weights.is_file() and (out / _LEGACY_COMPACT_WEIGHTS).is_file():
+        weights = out / _LEGACY_COMPACT_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing")
+    return weights
+
+
+def _compact_layer(entry, like, prefer):
+    """A :class:`LinearLoSparse` at the shapes of a ``losparse_config.json`` entry (zeros; loaded next)."""
+    layer = LinearLoSparse(entry["in_features"], entry["out_features"], entry["rank"], has_bias=entry["has_bias"],
+                           has_sparse=entry["form"] != "low_rank", device=like.device, dtype=like.dtype)
+    if entry["form"] == "losparse":
+        k = entry["kept_rows"]
+        layer._set_compact(torch.zeros(k, entry["in_features"], dtype=like.dtype), torch.zeros(k, dtype=torch.long))
+    elif entry["form"] == "losparse_cols":
+        k = entry["kept_cols"]
+        layer._set_compact_cols(torch.zeros(entry["out_features"], k, dtype=like.dtype),
+                                torch.zeros(k, dtype=torch.long))
+    layer.prefer = prefer
+    return layer
+
+
+def _build_compact_model(meta, config, model_class, prefer):
+    """The model class built from ``config``, with a :class:`LinearLoSparse` at each compressed layer."""
+    import transformers
+
+    if model_class is None:
+        model_class = getattr(transformers, meta.get("model_class", ""), None) or transformers.AutoModel
+    model = model_class.from_config(config) if hasattr(model_class, "from_config") else \
+        model_class._from_config(config)
+    for name, entry in meta["layers"].items():
+        if entry["form"] != "dense":  # a dense layer keeps the model's own nn.Linear
+            _set_submodule(model, name, _compact_layer(entry, model.get_submodule(name).weight, prefer))
+    _share_timed_choices(model)
+    return model
 
 
 def _check_kept_rows(sd, layers, where):
@@ -2334,54 +2492,18 @@ def load_compact(output_dir, model_class=None, device=None, dtype=None, prefer="
     :func:`export_compact` version (``config.json`` plain or of ``model_type`` ``"losparse"``).
     """
     from safetensors.torch import load_file
-    import transformers
 
     _check_prefer(prefer)
-
     out = Path(output_dir)
-    meta_path = out / COMPACT_CONFIG
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path}: missing; {out} is not an export_compact folder")
-    meta = json.loads(meta_path.read_text())
-    config = _compact_base_config(out)
-    if model_class is None:
-        model_class = getattr(transformers, meta.get("model_class", ""), None) or transformers.AutoModel
-    model = model_class.from_config(config) if hasattr(model_class, "from_config") else \
-        model_class._from_config(config)
-    weights = out / COMPACT_WEIGHTS
-    if not weights.is_file() and (out / _LEGACY_COMPACT_WEIGHTS).is_file():
-        weights = out / _LEGACY_COMPACT_WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: missing")
+    meta = _read_compact_meta(out)
+    model = _build_compact_model(meta, _compact_base_config(out), model_class, prefer)
+    weights = _compact_weights_file(out)
     sd = load_file(str(weights))
-    for name, entry in meta["layers"].items():
-        if entry["form"] == "dense":
-            continue
-        like = model.get_submodule(name).weight
-        if entry["form"] not in ("losparse", "losparse_cols", "low_rank"):
-            raise CheckpointMismatchError(f"{out / COMPACT_CONFIG}: layer {name} has form {entry['form']!r}; allowed "
-                                          "values are 'dense', 'losparse', 'losparse_cols', 'low_rank'")
-        layer = LinearLoSparse(entry["in_features"], entry["out_features"], entry["rank"],
-                               has_bias=entry["has_bias"], has_sparse=entry["form"] != "low_rank",
-                               device=like.device, dtype=like.dtype)
-        if entry["form"] == "losparse":
-            k = entry["kept_rows"]
-            layer._set_compact(torch.zeros(k, entry["in_features"], dtype=like.dtype), torch.zeros(k, dtype=torch.long))
-        elif entry["form"] == "losparse_cols":
-            k = entry["kept_cols"]
-            layer._set_compact_cols(torch.zeros(entry["out_features"], k, dtype=like.dtype),
-                                    torch.zeros(k, dtype=torch.long))
-        layer.prefer = prefer
-        _set_submodule(model, name, layer)
     for k, src in meta.get("tied", {}).items():
         sd[k] = sd[src]
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    mismatched = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sd if k in own and sd[k].shape != own[k].shape]
+    missing, unexpected, mismatched = _unmatched_keys(model.state_dict(), sd)
     if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(f"{weights} does not match {meta_path.name} / config.json: "
+        raise CheckpointMismatchError(f"{weights} does not match {COMPACT_CONFIG} / config.json: "
                                       + _mismatch_message(missing, unexpected, mismatched))
     _check_kept_rows(sd, meta["layers"], str(weights))
     model.load_state_dict(sd, strict=True)

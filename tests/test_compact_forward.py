@@ -87,18 +87,18 @@ def test_a_wrong_path_is_caught():
 def test_derived_tensors_are_padded_to_multiples_of_8():
     layer = make_layer(7).eval()  # r = 5 -> 8, k = 7 -> 8
     for path in ("fused", "transposed", "onehot"):
-        d = layer._derive(path)
+        d = utils._derive(layer, path)
         rs = d["rs"] if path == "transposed" else d["rs_t"].t()
         assert rs.shape == (16, IN) and d["r8"] == 8 and d["k"] == 7
         torch.testing.assert_close(rs[:5], layer.right.weight.detach(), rtol=0, atol=0)
         torch.testing.assert_close(rs[8:15], layer.sparse_weight_pruned.detach(), rtol=0, atol=0)
         assert not rs[5:8].any() and not rs[15:].any()
-    d = layer._derive("fused")
+    d = utils._derive(layer, "fused")
     assert d["l_t"].shape == (8, OUT) and not d["l_t"][5:].any()
-    onehot = layer._derive("onehot")["lp_t"].t()[:, 8:]
+    onehot = utils._derive(layer, "onehot")["lp_t"].t()[:, 8:]
     assert onehot.shape == (OUT, 8) and onehot.sum() == 7
     assert (onehot[layer.nonzero_idx, torch.arange(7)] == 1).all()
-    merged = layer._derive("merged")["w"]
+    merged = utils._derive(layer, "merged")["w"]
     torch.testing.assert_close(merged, layer.merged_weight(), rtol=0, atol=0)
 
 
@@ -109,9 +109,9 @@ def test_derived_tensors_are_built_once_and_are_not_state():
     x = torch.randn(4, IN)
     with torch.no_grad():
         layer(x)
-        first = layer.__dict__["_derived"].tensors["fused"]["rs_t"]
+        first = layer._fast.tensors["fused"]["rs_t"]
         layer(x)
-        assert layer.__dict__["_derived"].tensors["fused"]["rs_t"] is first  # reused, not rebuilt
+        assert layer._fast.tensors["fused"]["rs_t"] is first  # reused, not rebuilt
     assert set(layer.state_dict()) == keys == {"left.weight", "right.weight", "bias", "sparse_weight_pruned",
                                                 "nonzero_idx"}
     assert not any(b is first for b in layer.buffers())
@@ -159,7 +159,7 @@ def test_training_takes_the_autograd_path():
     layer.last_path = None
     layer(torch.randn(4, IN)).sum().backward()
     assert layer.last_path is None and layer.sparse_weight_pruned.grad is not None
-    assert not layer.__dict__.get("_derived")  # nothing derived
+    assert not layer._fast.tensors  # nothing derived
 
 
 # -------------------------------------------------------------------------------------- path choice
@@ -188,7 +188,7 @@ def test_prefer_memory_never_builds_the_dense_weight():
         assert dense_rows.last_path == "merged"
         dense_rows.prefer = "memory"
         dense_rows(x)
-        assert dense_rows.last_path != "merged" and "merged" not in dense_rows.__dict__["_derived"].tensors
+        assert dense_rows.last_path != "merged" and "merged" not in dense_rows._fast.tensors
         torch.testing.assert_close(dense_rows(x).double(), reference(dense_rows, x), **TOL[torch.float32])
 
 

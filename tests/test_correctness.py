@@ -129,7 +129,7 @@ def test_refresh_after_a_data_edit_and_without_cache(form):
         with torch.autograd._unsafe_preserve_version_counter(layer.left.weight):
             layer.left.weight.mul_(0.5)
         torch.testing.assert_close(layer(x).double(), _reference(layer, x), rtol=1e-5, atol=1e-5)
-        assert not layer.__dict__["_derived"].tensors  # nothing cached
+        assert not layer._fast.tensors  # nothing cached
 
 
 # -------------------------------------------------------------------------- 3. inference_mode
@@ -316,28 +316,32 @@ def test_timed_choice_per_shape_class_keeps_only_the_chosen_form(monkeypatch):
     def fake_times(layer, x2, candidates, reps=3):
         calls.append(candidates)
         for p in candidates:  # what real timing does: each form's tensors get built
-            layer._derived_for(p)
+            layer._fast.derived(layer, p)
         return {p: (1.0 if p == "transposed" else 5.0) for p in candidates}
 
     monkeypatch.setattr(utils, "_time_forms", fake_times)
-    monkeypatch.setattr(utils, "_CUDA_CHOICES", {})
     a = _layer(in_f=40, out_f=48, rank=5, keep_rows=list(range(0, 48, 4)), seed=1)  # k = 12
     b = _layer(in_f=40, out_f=48, rank=6, keep_rows=list(range(0, 48, 5)), seed=2)  # k = 10: same class
+    utils.prune(nn.Sequential(a, b))  # the layers of one model share one memo of timed choices
     for m in (a, b):
-        m.prune_sparse()
         m.eval().path_choice = "timed"
     x = torch.randn(6, 40)
     with torch.no_grad():
         a(x)
         b(x)
     assert len(calls) == 1 and a.last_path == b.last_path == "transposed"
-    assert set(a.__dict__["_derived"].tensors) == {"transposed"}  # the timed, unchosen forms are freed
+    assert set(a._fast.tensors) == {"transposed"}  # the timed, unchosen forms are freed
     torch.testing.assert_close(a(x).double(), _reference(a, x), rtol=1e-5, atol=1e-5)
+    c = _layer(in_f=40, out_f=48, rank=5, keep_rows=list(range(0, 48, 4)), seed=3)
+    utils.prune(nn.Sequential(c))  # another model: a memo of its own (no process-wide state)
+    c.eval().path_choice = "timed"
+    with torch.no_grad():
+        c(x)
+    assert len(calls) == 2 and c._fast.timings is not a._fast.timings and a._fast.timings is b._fast.timings
 
 
 def test_timed_choice_takes_rank_0s_decision(monkeypatch):
     """On rank 1 nothing is timed; the broadcast index (rank 0's choice) is used."""
-    monkeypatch.setattr(utils, "_CUDA_CHOICES", {})
     monkeypatch.setattr(utils, "_time_forms", lambda *a, **k: pytest.fail("rank 1 timed"))
     dist = torch.distributed
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
@@ -365,13 +369,13 @@ def test_setting_prefer_or_compact_path_takes_effect():
     x = torch.randn(64, 40)
     with torch.no_grad():
         layer(x)
-        assert layer.last_path == "merged" and "merged" in layer.__dict__["_derived"].tensors
+        assert layer.last_path == "merged" and "merged" in layer._fast.tensors
         layer.prefer = "memory"  # no other call needed
         layer(x)
-        assert layer.last_path != "merged" and "merged" not in layer.__dict__["_derived"].tensors
+        assert layer.last_path != "merged" and "merged" not in layer._fast.tensors
         layer.compact_path = "onehot"
         layer(x)
-        assert layer.last_path == "onehot" and set(layer.__dict__["_derived"].tensors) == {"onehot"}
+        assert layer.last_path == "onehot" and set(layer._fast.tensors) == {"onehot"}
         layer.compact_path = None
         layer.prefer = "speed"
         layer(x)

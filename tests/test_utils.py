@@ -463,6 +463,24 @@ def test_export_compact_reload_and_merge(tmp_path):
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.shared.weight.data_ptr()
 
 
+def test_load_compact_checks_forms_first_and_shares_one_timing_memo(tmp_path):
+    m = build_tiny_model("bert", "seq_cls").eval()
+    utils.substitute_layer_weights(m, SCRIPT_ALLOW, BLOCK, parameter_ratio=0.1)
+    _zero_rows_and_cols(m)
+    utils.prune(m)
+    out = utils.export_compact(m, tmp_path / "compact")
+    reloaded = _losparse_layers(utils.load_compact(out))
+    assert len(reloaded) == 12 and len({id(l._fast.timings) for l in reloaded.values()}) == 1
+    meta = json.loads((out / utils.COMPACT_CONFIG).read_text())
+    name = sorted(meta["layers"])[3]
+    meta["layers"][name]["form"] = "sparse"
+    (out / utils.COMPACT_CONFIG).write_text(json.dumps(meta))
+    (out / "config.json").unlink()  # the form is refused before the model config is read
+    with pytest.raises(utils.CheckpointMismatchError, match=rf"layer {name} has form 'sparse'; allowed values "
+                                                            "are 'dense', 'losparse', 'losparse_cols', 'low_rank'"):
+        utils.load_compact(out)
+
+
 @pytest.mark.parametrize("prefer,path", FORM_CASES)
 @pytest.mark.parametrize("kind,head", [("bert", "seq_cls"), ("bart", "seq2seq")])
 def test_load_compact_reproduces_the_compacted_model_bit_for_bit(tmp_path, kind, head, prefer, path):
