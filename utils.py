@@ -217,6 +217,7 @@ def low_rank_decomposition(weight, rank_ratio=0.1, parameter_ratio=0.15, remove_
 # ----------------------------------------------------------------------------------------------------
 # 2. The layer
 # ----------------------------------------------------------------------------------------------------
+# -- Training forward on the dense S ---------------------------------------------------------------------------
 def _merge_pays(rows, in_f, out_f):
     """Training forward: build ``W = L R + S`` when that is cheaper than the low-rank product of the input.
 
@@ -286,6 +287,7 @@ class _MergedLinear(torch.autograd.Function):
         return gx, gL, gR, gS, gb, None
 
 
+# -- Compacted inference: the forms, their cost model and timing, and the per-layer state (_FastPath) -----------
 # Forms of a compacted layer's inference forward (x2: tokens x in; y: tokens x out); :func:`_derive` builds the
 # tensors each one multiplies by. Row form (S keeps k rows at output positions idx):
 # "fused":      T = x [R; S_kept]^T, one GEMM; y = T[:, :r] L^T + b; y[:, idx] += T[:, r:r+k].
