@@ -193,7 +193,8 @@ def _full_optimizer_state_hook(target):
 def _shard_like(value, p):
     """This rank's rows of ``value`` (a full tensor shaped like the FSDP2 parameter ``p``) as a DTensor like ``p``;
     any other value as it is. Every rank holds ``value``: the rows are sliced locally, without communication."""
-    if not (_utils._is_sharded(p) and torch.is_tensor(value) and value.dim() and tuple(value.shape) == tuple(p.shape)):
+    if not (_utils._is_sharded(p) and torch.is_tensor(value) and not _utils._is_sharded(value) and value.dim()
+            and tuple(value.shape) == tuple(p.shape)):
         return value
     from torch.distributed.tensor import distribute_tensor
 

@@ -583,3 +583,20 @@ def test_fsdp2_checkpointing_registers_hooks_and_replaces_no_method(world_of_one
     assert weights[0].keys() == plain.state_dict().keys()
     assert all(not utils._is_sharded(v) and v.shape == plain.state_dict()[k].shape for k, v in weights[0].items())
     assert not hasattr(utils, "_UNSHARDED") and not hasattr(utils_fsdp, "_UNSHARDED")
+
+
+def test_utils_alone_forwards_fsdp2_with_a_clear_error(tmp_path):
+    """utils.py copied alone: an unsharded model needs no utils_fsdp.py (fsdp2_full_model / fsdp2_checkpointing
+    return at once); apply_fsdp2 says which file is missing."""
+    import shutil
+
+    shutil.copy(REPO / "utils.py", tmp_path / "utils.py")
+    code = ("import pytest, torch, utils\n"
+            "m = torch.nn.Linear(2, 2)\n"
+            "assert utils.fsdp2_full_model(m) is m and utils.fsdp2_checkpointing(None, m, None) is None\n"
+            "with pytest.raises(ImportError, match=r'FSDP2 needs utils_fsdp.py next to utils.py'):\n"
+            "    utils.apply_fsdp2(m)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, **ENV}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
