@@ -6,11 +6,13 @@ One drop-in module, in reading order:
 2. the layer          ``LinearLoSparse`` (forward, compaction, parameter count)
 3. the walker         ``substitute_layer_weights``, ``prune``, ``refresh``, ``prepare_for_inference``;
    calibration         ``collect_input_covariance``, one-shot rows ``one_shot_rows``
-4. the pruner         ``Pruner`` (cubic schedule, PLATON importance, masking, ``state_dict``)
+4. the pruner         ``Pruner`` (composes the cubic schedule ``cubic_schedule``, the importance statistics and one
+                      weighted k-th score; one process, DDP and FSDP2 row shards behind one small interface)
 5. checkpoint I/O     ``load_checkpoint``, ``save_checkpoint``, ``export_compact``, ``load_compact``,
    and reporting      ``compression_report``
 6. argparse helper    ``add_losparse_args``, ``validate_losparse_args``, ``check_distributed_support``
-7. FSDP2              ``apply_fsdp2``, ``fsdp2_checkpointing``, ``fsdp2_full_model`` (models bigger than one GPU)
+7. FSDP2              ``apply_fsdp2``, ``fsdp2_checkpointing``, ``fsdp2_full_model``: forwarders to ``utils_fsdp.py``
+                      (models bigger than one GPU; the only run that needs that second file)
 8. safe runs          ``check_run_paths`` (``check_output_dir``, ``check_checkpoint_file``, ``check_data_file``,
    (the scripts)      ``check_resume_folder``), ``save_state_atomic``, ``latest_checkpoint``, ``checkpoint_problem``,
                       ``one_line_errors``
@@ -26,6 +28,7 @@ Public names, signatures and state-dict keys (``left.weight``, ``right.weight``,
 ``sparse_weight_pruned_cols`` and ``nonzero_col_idx``); differences are listed in README.md.
 """
 import argparse
+import collections
 import contextlib
 import copy
 import json
@@ -64,6 +67,7 @@ __all__ = [
     "CompressionReport", "CheckpointMismatchError", "add_losparse_args", "validate_losparse_args",
     "check_distributed_support", "apply_fsdp2", "fsdp2_checkpointing", "fsdp2_full_model", "refresh",
     "prepare_for_inference",
+    "cubic_schedule",
 ]
 
 SVD_METHODS = ("full", "randomized", "auto")
@@ -1315,12 +1319,19 @@ def prepare_for_inference(module, tokens=None, path=None):
 # ----------------------------------------------------------------------------------------------------
 # 4. The pruner
 # ----------------------------------------------------------------------------------------------------
+# Three parts composed by ``Pruner``: the cubic schedule (``cubic_schedule``), the importance statistics
+# (``_Importance``) and one weighted k-th-score function (``_weighted_kth``). Where the processes differ (one process,
+# DDP, FSDP2 row shards) is behind one small interface (``_Local``, ``_Replicated``, ``_RowShards``), picked from the
+# parameters: the pruning maths reads the same in every mode.
 PRUNER_NAMES = ("PLATON", "Magnitude")
 STRUCTURED_METHODS = ("mean", "sum", "max", "min")
 STRUCTURED_DIRECTIONS = ("row", "col", "row_col")
 # ``row_col`` prunes rows of these projections and columns of the others.
 ROW_COL_ROW_NAMES = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "query_proj", "key_proj", "value_proj")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
+_SCHEDULE_KEYS = ("beta1", "beta2", "deltaT", "initial_threshold", "final_threshold", "initial_warmup", "final_warmup",
+                  "warmup_steps")
+_STAT_KINDS = ("ipt", "exp_avg_ipt", "exp_avg_unc")
 
 
 def _clean_name(n):
@@ -1337,6 +1348,329 @@ def _config_get(args, key, default=None):
     if isinstance(args, dict):
         return args.get(key, default)
     return getattr(args, key, default)
+
+
+def cubic_schedule(step, total_step, initial_threshold, final_threshold, initial_warmup, final_warmup, warmup_steps,
+                   deltaT=1):
+    """The paper's cubic schedule of the kept fraction of S: ``(threshold, mask_now)`` at ``step``.
+
+    ``initial_threshold`` for the first ``initial_warmup * warmup_steps`` steps (no masking), then
+    ``final + (initial - final) * (1 - progress) ** 3`` with masking every ``deltaT`` steps, and ``final_threshold``
+    (masking every step) for the last ``final_warmup * warmup_steps`` steps of ``total_step``.
+    """
+    ti = initial_warmup * warmup_steps
+    tf = final_warmup * warmup_steps
+    if step <= ti:
+        return initial_threshold, False
+    if step > total_step - tf:
+        return final_threshold, True
+    mul_coeff = 1 - (step - ti) / (total_step - ti - tf)
+    threshold = final_threshold + (initial_threshold - final_threshold) * (mul_coeff ** 3)
+    return threshold, step % deltaT == 0
+
+
+def _weighted_kth(scores, k, weights=None):
+    """The ``k``-th smallest (1-based) of the multiset in which ``scores[i]`` occurs ``weights[i]`` times (once each
+    when ``weights`` is None); ``-inf`` when ``k <= 0``. A row score that stands for the ``n`` entries of its row has
+    weight ``n``: the result is the k-th smallest element-wise score, without expanding the rows."""
+    if k <= 0:
+        return float("-inf")
+    if weights is None:
+        return torch.kthvalue(scores, k)[0].item()
+    sorted_scores, order = scores.sort()
+    cum = weights[order].cumsum(0)
+    pos = torch.searchsorted(cum, torch.tensor([float(k)], dtype=cum.dtype, device=cum.device))
+    return sorted_scores[pos.clamp(max=sorted_scores.numel() - 1)].item()
+
+
+def _reduce(score, method, dim):
+    """Aggregate element scores along ``dim`` (``mean|sum|max|min``)."""
+    if method == "mean":
+        return score.mean(dim=dim)
+    if method == "sum":
+        return score.sum(dim=dim)
+    return score.amax(dim=dim) if method == "max" else score.amin(dim=dim)
+
+
+class _Segment(collections.namedtuple("_Segment", "name axis shape offset size mult split")):
+    """One masked matrix's place in a flat score tensor: ``name``; ``axis`` (1: a score per row, 0: per column,
+    None: per entry); ``shape`` of its scores on this rank; ``offset``/``size`` in the flat tensor; ``mult``, the
+    entries each score stands for; ``split``, whether the matrix's rows are spread over the ranks (FSDP2)."""
+    __slots__ = ()
+
+    def view(self, flat):
+        """This matrix's part of ``flat`` shaped like its scores, the reduced axis kept (size 1) to broadcast."""
+        v = flat[self.offset:self.offset + self.size].view(self.shape)
+        return v if self.axis is None else v.unsqueeze(self.axis)
+
+
+def _expand(segments, counts, device):
+    """One float64 weight per score: ``counts[i]`` for each score of ``segments[i]``."""
+    return torch.cat([torch.full((s.size,), float(c), dtype=torch.float64, device=device)
+                      for s, c in zip(segments, counts)] or [torch.zeros(0, dtype=torch.float64, device=device)])
+
+
+# Distribution: the few reductions in which one process, DDP and FSDP2 row shards differ --------------------------
+class _Local:
+    """One process: every matrix is whole here, every reduction is the identity."""
+
+    def splits(self, p):
+        """Whether the rows of parameter ``p`` are spread over the ranks."""
+        return False
+
+    def local(self, t):
+        """The part of ``t`` this rank holds."""
+        return t
+
+    def sum_columns(self, cur, segments):
+        """Complete, in place, the column sums of ``cur`` (this rank's rows' |S * G| summed per column)."""
+
+    def columns(self, score, method, p):
+        """One score per column of ``p`` from its element scores on this rank."""
+        return _reduce(score, method, 0)
+
+    def all_finite(self, finite):
+        """Whether every rank's update is finite (a 0-dim bool tensor)."""
+        return finite
+
+    def agree(self, scores):
+        """The scores every rank masks with."""
+        return scores
+
+    def multiplicities(self, segments, device):
+        """``(weights, total)`` for the global k-th score: the multiplicity of every score :meth:`gather` returns
+        (None when all are 1) and their sum, the number of entries of every masked matrix."""
+        counts = [s.mult for s in segments]
+        total = sum(s.size * c for s, c in zip(segments, counts))
+        return (None if all(c == 1 for c in counts) else _expand(segments, counts, device)), total
+
+    def gather(self, scores):
+        """Every rank's ``scores``, concatenated in rank order."""
+        return scores
+
+    def full(self, t, segment):
+        """The statistics of ``segment`` in the single-process layout (``state_dict``)."""
+        return t
+
+    def own(self, t, p, axis):
+        """This rank's part of a single-process statistic ``t`` of ``p`` (``load_state_dict``)."""
+        return t
+
+
+class _Replicated(_Local):
+    """DDP: every rank holds every matrix and the all-reduced gradients, so the statistics agree; at a mask step
+    rank 0's scores are broadcast, so the masks can never drift apart (float noise, a non-deterministic kernel)."""
+
+    def agree(self, scores):
+        return _broadcast_from_rank0(scores)
+
+
+class _RowShards(_Local):
+    """FSDP2 (``fully_shard``): masked matrices are ``DTensor`` row shards (``Shard(0)`` on a 1-D mesh). Statistics
+    of rows stay where the rows are; column sums and aggregates are all-reduced; the global k-th score comes from
+    every rank's aggregated scores with their multiplicities (scores every rank holds, of columns, count on rank 0
+    only); ``state_dict`` gathers the rows into the single-process layout."""
+
+    def __init__(self, group):
+        self.group = group
+        self.first = torch.distributed.get_rank(group) == 0
+
+    def splits(self, p):
+        return _is_sharded(p)
+
+    def local(self, t):
+        return _local(t)
+
+    @staticmethod
+    def _own_rows(segment):
+        return segment.split and segment.axis != 0
+
+    def sum_columns(self, cur, segments):
+        parts = [(s.offset, s.size) for s in segments if s.split and s.axis == 0]
+        if not parts:
+            return
+        sums = torch.cat([cur[off:off + size] for off, size in parts])
+        torch.distributed.all_reduce(sums, group=self.group)
+        for (off, size), part in zip(parts, sums.split([size for _, size in parts])):
+            cur[off:off + size].copy_(part)
+
+    def columns(self, score, method, p):
+        if not _is_sharded(p):
+            return _reduce(score, method, 0)
+        dist = torch.distributed
+        if method in ("mean", "sum"):
+            out, op = score.sum(dim=0), dist.ReduceOp.SUM
+        else:
+            op = dist.ReduceOp.MAX if method == "max" else dist.ReduceOp.MIN
+            if score.shape[0] == 0:  # this rank holds no row
+                out = score.new_full(score.shape[1:], float("-inf") if method == "max" else float("inf"))
+            else:
+                out = score.amax(dim=0) if method == "max" else score.amin(dim=0)
+        out = out.contiguous()
+        dist.all_reduce(out, op=op, group=self.group)
+        return out / p.shape[0] if method == "mean" else out
+
+    def all_finite(self, finite):
+        flag = finite.to(torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self.group)
+        return flag.bool()
+
+    def multiplicities(self, segments, device):
+        counts = [s.mult if self.first or self._own_rows(s) else 0 for s in segments]
+        weights = self.gather(_expand(segments, counts, device))
+        return weights, int(weights.sum().item())
+
+    def gather(self, scores):
+        return _all_gather_rows(scores, self.group)
+
+    def full(self, t, segment):
+        return _all_gather_rows(t.contiguous(), self.group) if segment is not None and self._own_rows(segment) else t
+
+    def own(self, t, p, axis):
+        if _is_sharded(p) and axis != 0 and t.dim() and t.shape[0] == p.shape[0]:
+            start, end = _row_range(p)
+            return t[start:end]
+        return t
+
+
+def _distribution(named_params, masked=lambda name: True):
+    """The distribution for parameters ``(name, parameter)`` whose ``masked(name)`` ones are pruned: FSDP2 row
+    shards, DDP or one process. Other kinds of sharding are refused."""
+    group = None
+    for n, p in named_params:
+        if _is_sharded(p) and p.device_mesh.ndim == 1 and p.placements[0].is_shard(0):
+            if group is None and masked(_clean_name(n)):
+                group = p.device_mesh.get_group()
+            continue
+        if hasattr(p, "ds_id") or hasattr(p, "ds_numel") or type(p).__name__ in ("FlatParameter", "DTensor") or \
+                getattr(p, "_is_sharded", False):
+            raise RuntimeError(
+                f"Pruner: parameter {n!r} is sharded in a way LoSparse cannot prune (DeepSpeed ZeRO-3, FSDP1 flat "
+                "parameters, tensor parallel or a 2-D mesh): use a single process or DDP (accelerate launch "
+                "--multi_gpu), or FSDP2 (--fsdp2, or accelerate launch --use_fsdp --fsdp_version 2), whose "
+                "row shards the Pruner handles; see utils.check_distributed_support.")
+    if group is not None:
+        return _RowShards(group)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _Replicated()
+    return _Local()
+
+
+def _distribution_kind(params):
+    """What :func:`_distribution` would pick for ``params``, cheaply (to notice a model sharded after the Pruner
+    was built)."""
+    if any(_is_sharded(p) for _, p in params):
+        return _RowShards
+    dist = torch.distributed
+    return _Replicated if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else _Local
+
+
+# Importance statistics ---------------------------------------------------------------------------------------------
+class _StatGroup:
+    """The flat statistics of the masked matrices on one device, and the buffers a step reuses."""
+
+    def __init__(self, device, segments, kinds, scale):
+        total = sum(s.size for s in segments)
+        self.device, self.segments, self.scale = device, segments, scale
+        self.flat = {kind: torch.zeros(total, dtype=torch.float32, device=device) for kind in kinds}
+        self.cur = torch.empty(total, dtype=torch.float32, device=device)  # this step's |S * G|, reused every step
+        self.drop = torch.empty(total, dtype=torch.bool, device=device)  # the mask step's rows (entries) to zero
+        self.cur_views = [self.cur[s.offset:s.offset + s.size].view(s.shape) for s in segments]
+        self.drop_views = [s.view(self.drop) for s in segments]
+
+
+class _Importance:
+    """PLATON's importance statistics of the masked matrices, by (unwrapped) parameter name.
+
+    ``ipt``: the mean of ``|S * G|`` over the current window of ``deltaT`` steps; ``exp_avg_ipt``: its EMA over the
+    windows (``beta1``); ``exp_avg_unc``: the EMA of the uncertainty ``|ipt - exp_avg_ipt|`` (``0 < beta2 < 1``) or
+    the running variance (``beta2 == 2``). Per row or column (``axis``) on the reduced path, per entry otherwise.
+    They live in one flat float32 tensor per device and kind, one segment per matrix: a window step is two kernels
+    per matrix (``S * G`` and its L1 norm written straight into the segment) plus a handful for all matrices together
+    (EMA, window average, the non-finite guard); on a GPU each op is a launch. ``views[kind][name]`` are views of
+    the segments (plain tensors after ``load``, until the next :meth:`ensure` lays them out).
+    """
+
+    def __init__(self, beta1, beta2):
+        self.beta1, self.beta2 = beta1, beta2
+        self.kinds = ("ipt", "exp_avg_ipt") + (("exp_avg_unc",) if beta2 > 0 and beta2 != 1 else ())
+        self.views = {kind: {} for kind in _STAT_KINDS}
+        self.groups, self.segments, self._key = [], {}, None
+
+    def ensure(self, entries, mean_of):
+        """(Re)build the flat statistics for ``entries`` ``(name, axis, shape, mult, split, device)``, keeping the
+        values of known names. ``mean_of``: divide row (column) sums by the row (column) length."""
+        key = tuple(entries)
+        if key == self._key:
+            return
+        old = {kind: {n: t.detach() for n, t in self.views[kind].items()} for kind in self.kinds}
+        by_device = {}
+        for entry in entries:
+            by_device.setdefault(entry[-1], []).append(entry)
+        self.groups, self.segments = [], {}
+        self.views = {kind: {} for kind in _STAT_KINDS}
+        for device, items in by_device.items():
+            segments, total = [], 0
+            for n, axis, shape, mult, split, _ in items:
+                segments.append(_Segment(n, axis, shape, total, math.prod(shape), mult, split))
+                total += math.prod(shape)
+            scale = None
+            if mean_of:  # the L1 norm is a sum: divide by the length
+                scale = torch.cat([torch.full((s.size,), 1.0 / s.mult, device=device) for s in segments])
+            group = _StatGroup(device, segments, self.kinds, scale)
+            for kind in self.kinds:
+                for s in segments:
+                    view = group.flat[kind][s.offset:s.offset + s.size].view(s.shape)
+                    if s.name in old[kind] and old[kind][s.name].numel() == s.size:
+                        view.copy_(old[kind][s.name].reshape(s.shape))
+                    self.views[kind][s.name] = view
+            self.segments.update({s.name: s for s in segments})
+            self.groups.append(group)
+        self._key = key
+
+    def fold(self, local_step, update_step, finite, presents):
+        """Add each group's ``cur`` to the window average; at a window's start (``local_step == 0``) fold the last
+        window into the EMA first. Entries with ``present`` False (no gradient) and, if not ``finite``, every entry
+        keep their values."""
+        b1, b2 = self.beta1, self.beta2
+        for g, present in zip(self.groups, presents):
+            cur = g.cur
+            ok = finite.to(cur.device) if present is None else present & finite.to(cur.device)
+            ipt, avg = g.flat["ipt"], g.flat["exp_avg_ipt"]
+            if local_step == 0:
+                new_avg = b1 * avg + (1 - b1) * ipt
+                if "exp_avg_unc" in g.flat:
+                    unc = g.flat["exp_avg_unc"]
+                    if 0 < b2 < 1:
+                        unc.copy_(torch.where(ok, b2 * unc + (1 - b2) * (ipt - new_avg).abs(), unc))
+                    elif b2 == 2:
+                        unc.copy_(torch.where(ok, (update_step * unc + (ipt - new_avg) ** 2) / (update_step + 1), unc))
+                avg.copy_(torch.where(ok, new_avg, avg))
+                ipt.copy_(torch.where(ok, cur, ipt))
+            else:
+                ipt.copy_(torch.where(ok, (ipt * local_step + cur) / (local_step + 1), ipt))
+
+    def scores(self, g):
+        """PLATON's scores of group ``g`` (element-wise, or per row/column when reduced)."""
+        avg, b2 = g.flat["exp_avg_ipt"], self.beta2
+        if 0 < b2 < 1:
+            return avg * g.flat["exp_avg_unc"]
+        if b2 == 1:
+            return avg
+        if b2 == 2:
+            return avg * g.flat["exp_avg_unc"].sqrt()
+        return avg * (g.flat["ipt"] - avg).abs()
+
+    def state_dict(self, full):
+        """``{kind: {name: tensor}}`` (CPU copies); ``full(tensor, segment)`` turns a rank's part into the whole."""
+        return {kind: {n: full(t.detach(), self.segments.get(n)).cpu().clone() for n, t in self.views[kind].items()}
+                for kind in _STAT_KINDS}
+
+    def load(self, values):
+        """Take ``{kind: {name: tensor}}`` as they are; the next :meth:`ensure` lays them out."""
+        self.views = {kind: dict(values[kind]) for kind in _STAT_KINDS}
+        self.groups, self.segments, self._key = [], {}, None
 
 
 class Pruner(object):
@@ -1369,9 +1703,7 @@ class Pruner(object):
             raise ValueError(f"structured_direction must be one of {STRUCTURED_DIRECTIONS}, got {structured_direction!r}")
         self.model = model
         self.args = args
-        self.config = {k: _config_get(args, k) for k in ("beta1", "beta2", "deltaT", "initial_threshold",
-                                                          "final_threshold", "initial_warmup", "final_warmup",
-                                                          "warmup_steps")}
+        self.config = {k: _config_get(args, k) for k in _SCHEDULE_KEYS}
         missing = [k for k, v in self.config.items() if v is None]
         if missing:
             raise ValueError(f"Pruner: args lacks {missing} (use utils.add_losparse_args)")
@@ -1388,15 +1720,18 @@ class Pruner(object):
         self.structured_method = structured_method
         self.structured_direction = structured_direction
         # Statistics per (unwrapped) parameter name; reduced to rows/columns on the fast path.
-        self.ipt, self.exp_avg_ipt, self.exp_avg_unc = {}, {}, {}
         self.reduced = pruner_name == "PLATON" and self.beta2 == 1.0 and structured_method in ("mean", "sum")
-        self._groups, self._stats_key = [], None  # flat statistics per device (see _ensure_stats)
-        self._weights = None  # (layout, multiplicity of every score) for the threshold
+        self._stats = _Importance(self.beta1, self.beta2)
+        self._weights = None  # (layout, the multiplicities of every rank's scores or None, their sum)
         self._nonfinite = None  # device counter of skipped updates (read only at mask steps: no sync)
         self._nonfinite_reported = 0
-        self._row_sharded, self._sharded_weights = {}, None  # FSDP2 (see _ensure_stats, _sharded_threshold)
         self._frozen_reported = set()
-        self._check_sharding(model)
+        self._dist = _distribution(model.named_parameters(), self.whether_mask_para)
+
+    # The statistics (views of the flat buffers), by parameter name.
+    ipt = property(lambda self: self._stats.views["ipt"])
+    exp_avg_ipt = property(lambda self: self._stats.views["exp_avg_ipt"])
+    exp_avg_unc = property(lambda self: self._stats.views["exp_avg_unc"])
 
     # -- which parameters, which axis -----------------------------------------------------------------
     def whether_mask_para(self, n):
@@ -1430,96 +1765,66 @@ class Pruner(object):
             direction = "row" if parts and parts[-1] in ROW_COL_ROW_NAMES else "col"
         return 1 if direction == "row" else 0
 
-    def _check_sharding(self, model):
-        """Accept full parameters and FSDP2 row shards (``DTensor``, ``Shard(0)`` on a 1-D mesh); refuse the rest."""
-        self._shard_group = None
-        for n, p in model.named_parameters():
-            fsdp2_rows = _is_sharded(p) and p.device_mesh.ndim == 1 and p.placements[0].is_shard(0)
-            if fsdp2_rows:
-                if self.whether_mask_para(_clean_name(n)) and self._shard_group is None:
-                    self._shard_group = p.device_mesh.get_group()
-                continue
-            if hasattr(p, "ds_id") or hasattr(p, "ds_numel") or type(p).__name__ in ("FlatParameter", "DTensor") or \
-                    getattr(p, "_is_sharded", False):
-                raise RuntimeError(
-                    f"Pruner: parameter {n!r} is sharded in a way LoSparse cannot prune (DeepSpeed ZeRO-3, FSDP1 flat "
-                    "parameters, tensor parallel or a 2-D mesh): use a single process or DDP (accelerate launch "
-                    "--multi_gpu), or FSDP2 (--fsdp2, or accelerate launch --use_fsdp --fsdp_version 2), whose "
-                    "row shards the Pruner handles; see utils.check_distributed_support.")
+    def _stat_axis(self, name, p):
+        """The axis the statistics of ``p`` are reduced along (None: kept per entry)."""
+        return self._axis(name, p) if self.reduced else None
+
+    def _follow_distribution(self, params):
+        """Pick the distribution again if the parameters were sharded (or torch.distributed started) since."""
+        if _distribution_kind(params) is not type(self._dist):
+            self._dist = _distribution(params)
 
     # -- schedule -------------------------------------------------------------------------------------
     def schedule_threshold_comb(self, step: int):
-        """Cubic schedule of the kept fraction of S; returns ``(threshold, mask_now)``."""
+        """Cubic schedule of the kept fraction of S; returns ``(threshold, mask_now)`` (see :func:`cubic_schedule`)."""
         c = self.config
-        ti = c["initial_warmup"] * c["warmup_steps"]
-        tf = c["final_warmup"] * c["warmup_steps"]
-        if step <= ti:
-            return c["initial_threshold"], False
-        if step > self.total_step - tf:
-            return c["final_threshold"], True
-        mul_coeff = 1 - (step - ti) / (self.total_step - ti - tf)
-        threshold = c["final_threshold"] + (c["initial_threshold"] - c["final_threshold"]) * (mul_coeff ** 3)
-        return threshold, step % self.deltaT == 0
+        return cubic_schedule(step, self.total_step, c["initial_threshold"], c["final_threshold"],
+                              c["initial_warmup"], c["final_warmup"], c["warmup_steps"], self.deltaT)
 
     cubic_remaining_ratio = schedule_threshold_comb
 
     # -- importance -----------------------------------------------------------------------------------
-    # The statistics of all masked matrices live in one flat float32 tensor per device and kind (``ipt``,
-    # ``exp_avg_ipt``, ``exp_avg_unc``), one segment per matrix: its rows/columns on the reduced path, every
-    # entry otherwise. A window step is then two kernels per matrix (``S * G`` and its L1 norm written
-    # straight into the segment) plus a handful for all matrices together (EMA, window average, the
-    # non-finite guard): on a GPU each op is a launch. ``self.ipt[name]`` etc. are views of the segments.
-    def _stat_kinds(self):
-        return ("ipt", "exp_avg_ipt") + (("exp_avg_unc",) if self.beta2 > 0 and self.beta2 != 1 else ())
-
     def _ensure_stats(self, params):
-        """(Re)build the flat statistics for ``params`` (name, parameter), keeping the values of known names."""
-        local = [(n, p, _local(p)) for n, p in params]  # FSDP2: the local rows; p.shape stays the global one
-        key = tuple((n, tuple(t.shape), t.device) for n, _, t in local)
-        if key == self._stats_key:
-            return
-        old = {kind: {n: t.detach() for n, t in getattr(self, kind).items()} for kind in self._stat_kinds()}
-        by_device = {}
-        self._row_sharded = {}  # FSDP2: names whose statistics hold this rank's rows (the others are replicated)
-        for n, p, t in local:
-            axis = self._axis(n, p) if self.reduced else None
+        """Lay out the statistics for ``params`` (name, parameter) (see :class:`_Importance`)."""
+        self._follow_distribution(params)
+        entries = []
+        for n, p in params:
+            t, axis = self._dist.local(p), self._stat_axis(n, p)  # FSDP2: the local rows; p.shape is the global one
             shape = (t.shape[1 - axis],) if axis is not None else tuple(t.shape)
-            self._row_sharded[n] = _is_sharded(p) and axis != 0
-            if _is_sharded(p) and self._shard_group is None:
-                self._shard_group = p.device_mesh.get_group()
-            by_device.setdefault(t.device, []).append((n, axis, shape, 1 if axis is None else p.shape[axis]))
-        self._groups = []
-        for kind in self._stat_kinds():
-            setattr(self, kind, {})
-        for dev, segs in by_device.items():
-            segments, total = [], 0
-            for n, axis, shape, _ in segs:
-                segments.append((n, axis, shape, total, math.prod(shape)))
-                total += math.prod(shape)
-            flat = {kind: torch.zeros(total, dtype=torch.float32, device=dev) for kind in self._stat_kinds()}
-            for kind in self._stat_kinds():
-                for n, _, shape, off, size in segments:
-                    view = flat[kind][off:off + size].view(shape)
-                    if n in old[kind] and old[kind][n].numel() == size:
-                        view.copy_(old[kind][n].reshape(shape))
-                    getattr(self, kind)[n] = view
-            scale = None
-            if self.reduced and self.structured_method == "mean":  # the L1 norm is a sum: divide by the length
-                scale = torch.cat([torch.full((size,), 1.0 / length, device=dev)
-                                   for (_, _, _, length), (_, _, _, _, size) in zip(segs, segments)])
-            cur = torch.empty(total, dtype=torch.float32, device=dev)  # this step's |S * G|, reused every step
-            drop = torch.empty(total, dtype=torch.bool, device=dev)  # the mask step's rows (entries) to zero
-            self._groups.append({
-                "device": dev, "segments": segments, "flat": flat, "scale": scale, "cur": cur, "drop": drop,
-                "cur_views": [cur[off:off + size].view(shape) for _, _, shape, off, size in segments],
-                "drop_views": [drop[off:off + size].view(shape) if axis is None else
-                               drop[off:off + size].unsqueeze(axis) for _, axis, shape, off, size in segments],
-                "mult": [length for _, _, _, length in segs],
-                # FSDP2: segments whose values every rank holds in full (column scores after their all-reduce)
-                "replicated": [self._shard_group is not None and not self._row_sharded[n] for n, _, _, _ in segs],
-                "colsum": [(off, size) for n, axis, _, off, size in segments if axis == 0 and self._row_sharded.get(
-                    n) is False and self._shard_group is not None]})
-        self._stats_key = key
+            entries.append((n, axis, shape, 1 if axis is None else p.shape[axis], self._dist.splits(p), t.device))
+        self._stats.ensure(entries, mean_of=self.reduced and self.structured_method == "mean")
+
+    def _measure(self, group, params, grads):
+        """Write this step's importance ``|S * G|`` (its L1 norm per row/column when reduced) of every matrix of
+        ``group`` into ``group.cur``. Returns which entries have a gradient (None: all)."""
+        cur, present = group.cur, None
+        for s, out in zip(group.segments, group.cur_views):
+            if s.name not in grads:  # no gradient this step (unused branch): leave this matrix's statistics alone
+                present = torch.ones_like(cur, dtype=torch.bool) if present is None else present
+                present[s.offset:s.offset + s.size] = False
+                out.zero_()
+                continue
+            prod = torch.mul(params[s.name], grads[s.name])
+            if s.axis is None:
+                torch.abs(prod, out=out)
+            else:  # sum_j |s_ij| (or over i), accumulated in float32
+                torch.linalg.vector_norm(prod, 1, dim=s.axis, dtype=torch.float32, out=out)
+        self._dist.sum_columns(cur, group.segments)  # FSDP2: a column's sum over the rows of every rank
+        if group.scale is not None:
+            cur.mul_(group.scale)
+        return present
+
+    def _all_finite(self):
+        """Whether this step's importance is finite everywhere (on every rank); counts the skipped steps."""
+        curs = [g.cur for g in self._stats.groups]
+        finite = torch.isfinite(curs[0]).all()
+        for cur in curs[1:]:
+            finite = finite & torch.isfinite(cur).all().to(finite.device)
+        finite = self._dist.all_finite(finite)  # FSDP2: skip the update on every rank if any rank saw inf/nan
+        if self._nonfinite is None:
+            self._nonfinite = torch.zeros((), dtype=torch.long, device=finite.device)
+        self._nonfinite += (~finite).long()
+        return finite
 
     @torch.no_grad()
     def update_ipt_with_local_window(self, model, global_step):
@@ -1536,136 +1841,73 @@ class Pruner(object):
                     "FSDP1 gradients are sharded, which LoSparse does not support (see check_distributed_support).")
             return
         self._ensure_stats(masked)
-        params = {n: _local(p) for n, p in masked}
-        grads = {n: _local(g) for n, g in grads.items()}
-        local_step = global_step % self.deltaT
-        update_step = global_step // self.deltaT
-        b1, b2 = self.beta1, self.beta2
-        curs, presents = [], []
-        for g in self._groups:
-            cur, present = g["cur"], None
-            for (n, axis, shape, off, size), out in zip(g["segments"], g["cur_views"]):
-                if n not in grads:  # no gradient this step (unused branch): leave this matrix's statistics alone
-                    present = torch.ones_like(cur, dtype=torch.bool) if present is None else present
-                    present[off:off + size] = False
-                    out.zero_()
-                    continue
-                s = torch.mul(params[n], grads[n])
-                if axis is None:
-                    torch.abs(s, out=out)
-                else:  # sum_j |s_ij| (or over i), accumulated in float32
-                    torch.linalg.vector_norm(s, 1, dim=axis, dtype=torch.float32, out=out)
-            if g["colsum"]:  # FSDP2: a column's sum over the rows of every rank
-                sums = torch.cat([cur[off:off + size] for off, size in g["colsum"]])
-                torch.distributed.all_reduce(sums, group=self._shard_group)
-                for (off, size), part in zip(g["colsum"], sums.split([size for _, size in g["colsum"]])):
-                    cur[off:off + size].copy_(part)
-            if g["scale"] is not None:
-                cur.mul_(g["scale"])
-            curs.append(cur)
-            presents.append(present)
-        finite = torch.isfinite(curs[0]).all()
-        for cur in curs[1:]:
-            finite = finite & torch.isfinite(cur).all().to(finite.device)
-        if self._shard_group is not None:  # FSDP2: skip the update on every rank if any rank saw inf/nan
-            flag = finite.to(torch.int32)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self._shard_group)
-            finite = flag.bool()
-        if self._nonfinite is None:
-            self._nonfinite = torch.zeros((), dtype=torch.long, device=finite.device)
-        self._nonfinite += (~finite).long()
+        params = {n: self._dist.local(p) for n, p in masked}
+        grads = {n: self._dist.local(g) for n, g in grads.items()}
+        presents = [self._measure(g, params, grads) for g in self._stats.groups]
+        self._stats.fold(global_step % self.deltaT, global_step // self.deltaT, self._all_finite(), presents)
 
-        for g, cur, present in zip(self._groups, curs, presents):
-            ok = finite.to(cur.device) if present is None else present & finite.to(cur.device)
-            ipt, avg = g["flat"]["ipt"], g["flat"]["exp_avg_ipt"]
-            if local_step == 0:
-                new_avg = b1 * avg + (1 - b1) * ipt
-                if "exp_avg_unc" in g["flat"]:
-                    unc = g["flat"]["exp_avg_unc"]
-                    if 0 < b2 < 1:
-                        unc.copy_(torch.where(ok, b2 * unc + (1 - b2) * (ipt - new_avg).abs(), unc))
-                    elif b2 == 2:
-                        unc.copy_(torch.where(ok, (update_step * unc + (ipt - new_avg) ** 2) / (update_step + 1), unc))
-                avg.copy_(torch.where(ok, new_avg, avg))
-                ipt.copy_(torch.where(ok, cur, ipt))
-            else:
-                ipt.copy_(torch.where(ok, (ipt * local_step + cur) / (local_step + 1), ipt))
-
-    def _flat_scores(self, g):
-        """Scores of one device group's flat statistics (element-wise, or per row/column when reduced)."""
-        avg, b2 = g["flat"]["exp_avg_ipt"], self.beta2
-        if 0 < b2 < 1:
-            return avg * g["flat"]["exp_avg_unc"]
-        if b2 == 1:
-            return avg
-        if b2 == 2:
-            return avg * g["flat"]["exp_avg_unc"].sqrt()
-        return avg * (g["flat"]["ipt"] - avg).abs()
-
-    def _aggregate(self, score, n, p):
-        """Return ``(scores, multiplicity, axis)``: one score per row/column (or per entry)."""
-        axis = self._axis(n, p)
-        if axis is None:
-            return score.reshape(-1), 1, None
-        if not (self.reduced and score.dim() == 1):
-            m = self.structured_method
-            if axis == 0 and _is_sharded(p):  # FSDP2: a column spans the rows of every rank
-                return self._sharded_column_scores(score, m, p.shape[0]), p.shape[axis], axis
-            if m == "mean":
-                score = score.mean(dim=axis)
-            elif m == "sum":
-                score = score.sum(dim=axis)
-            elif m == "max":
-                score = score.amax(dim=axis)
-            else:
-                score = score.amin(dim=axis)
-        return score, p.shape[axis], axis
-
-    def _sharded_column_scores(self, score, method, rows):
-        """Column aggregates of row-sharded element scores: local partial results, all-reduced over the ranks."""
-        dist = torch.distributed
-        if method in ("mean", "sum"):
-            out, op = score.sum(dim=0), dist.ReduceOp.SUM
-        elif score.shape[0] == 0:  # this rank holds no row
-            out = score.new_full(score.shape[1:], float("-inf") if method == "max" else float("inf"))
-            op = dist.ReduceOp.MAX if method == "max" else dist.ReduceOp.MIN
-        else:
-            out = score.amax(dim=0) if method == "max" else score.amin(dim=0)
-            op = dist.ReduceOp.MAX if method == "max" else dist.ReduceOp.MIN
-        out = out.contiguous()
-        dist.all_reduce(out, op=op, group=self._shard_group)
-        return out / rows if method == "mean" else out
-
-    def _in_layout(self, params):
-        """The statistics' only group when its segments are ``params`` in order and need no aggregation."""
+    # -- masking --------------------------------------------------------------------------------------
+    def _layout_scores(self, params):
+        """``(scores, segments, drop buffer)`` straight from the flat statistics, when their only group holds
+        ``params`` in order and needs no aggregation (the reduced path, unstructured PLATON); else None."""
         if self.pruner_name == "Magnitude" or not (self.reduced or self.structured_method is None):
             return None
-        self._ensure_stats([(n, p) for n, p in params if p.requires_grad])
-        if len(self._groups) == 1 and [s[0] for s in self._groups[0]["segments"]] == [n for n, _ in params]:
-            return self._groups[0]
-        return None
+        self._ensure_stats(params)
+        groups = self._stats.groups
+        if len(groups) != 1 or [s.name for s in groups[0].segments] != [n for n, _ in params]:
+            return None
+        g = groups[0]
+        scores = self._stats.scores(g)
+        scores = scores.clone() if scores is g.flat["exp_avg_ipt"] else scores  # DDP's broadcast writes into it
+        return scores, g.segments, g
 
-    def _all_scores(self, params):
-        """``(scores, multiplicities, lengths, axes)`` of every masked matrix, scores concatenated in order."""
-        device = _local(params[0][1]).device
+    def _element_scores(self, n, p, flat_scores):
+        """The scores of ``p`` as this rank holds them: from the statistics (``flat_scores``: name -> its group's
+        scores), or ``|p|`` for Magnitude."""
         if self.pruner_name == "Magnitude":
-            per = [self._aggregate(_local(p).detach().abs().float(), n, p) for n, p in params]
-        else:
-            self._ensure_stats([(n, p) for n, p in params if p.requires_grad])
-            flats = {s[0]: (g, s) for g in self._groups for s in g["segments"]}
-            scored = {id(g): self._flat_scores(g) for g in self._groups}
-            per = []
-            for n, p in params:
-                if n in flats:
-                    g, (_, _, shape, off, size) = flats[n]
-                    score = scored[id(g)][off:off + size].view(shape)
-                else:  # frozen: never scored
-                    t = _local(p)
-                    score = torch.zeros(t.shape[1 - self._axis(n, p)] if self.reduced and self._axis(n, p)
-                                        is not None else t.shape, device=t.device)
-                per.append(self._aggregate(score, n, p))
-        scores = torch.cat([s.reshape(-1).float().to(device) for s, _, _ in per])
-        return scores, [m for _, m, _ in per], [s.numel() for s, _, _ in per], [a for _, _, a in per]
+            return self._dist.local(p).detach().abs().float()
+        s = self._stats.segments.get(n)
+        if s is None:  # never scored
+            t, axis = self._dist.local(p), self._stat_axis(n, p)
+            return torch.zeros(t.shape[1 - axis] if axis is not None else t.shape, device=t.device)
+        return flat_scores[n][s.offset:s.offset + s.size].view(s.shape)
+
+    def _aggregated_scores(self, params):
+        """``(scores, segments)``: one score per row/column (or entry) of every matrix, concatenated in order."""
+        device = self._dist.local(params[0][1]).device
+        flat_scores = {}
+        if self.pruner_name != "Magnitude":
+            self._ensure_stats(params)
+            for g in self._stats.groups:
+                scores = self._stats.scores(g)
+                flat_scores.update({s.name: scores for s in g.segments})
+        per, segments, offset = [], [], 0
+        for n, p in params:
+            score, axis = self._element_scores(n, p, flat_scores), self._axis(n, p)
+            if axis is not None and score.dim() == 2:  # aggregate the entries of each row (column)
+                score = _reduce(score, self.structured_method, 1) if axis == 1 else \
+                    self._dist.columns(score, self.structured_method, p)
+            shape = tuple(score.shape) if axis is None else (score.numel(),)
+            segments.append(_Segment(n, axis, shape, offset, score.numel(), 1 if axis is None else p.shape[axis],
+                                     self._dist.splits(p)))
+            offset += score.numel()
+            per.append(score.reshape(-1).float().to(device))
+        return torch.cat(per), segments
+
+    def _weights_for(self, segments, device):
+        """``(weights, total)`` of :meth:`_Local.multiplicities`; the same at every mask step: built (and gathered)
+        once per layout."""
+        key = (tuple((s.size, s.mult, s.split) for s in segments), device, type(self._dist))
+        if self._weights is None or self._weights[0] != key:
+            self._weights = (key, *self._dist.multiplicities(segments, device))
+        return self._weights[1], self._weights[2]
+
+    def _report_nonfinite(self):
+        if self._nonfinite is not None:
+            skipped = int(self._nonfinite)
+            if skipped > self._nonfinite_reported:
+                logger.warning("Pruner: %d update(s) with non-finite gradients were skipped so far", skipped)
+                self._nonfinite_reported = skipped
 
     @torch.no_grad()
     def mask_with_threshold(self, model, threshold):
@@ -1673,84 +1915,23 @@ class Pruner(object):
         params = self._masked_params(model)
         if not params:
             return None
-        device = _local(params[0][1]).device
-        if self._shard_group is None and any(_is_sharded(p) for _, p in params):
-            self._check_sharding(model)
-        group = self._in_layout(params)
-        if group is not None:  # scores, multiplicities and drop masks straight from the flat statistics
-            scores = self._flat_scores(group)
-            scores = scores.clone() if scores is group["flat"]["exp_avg_ipt"] else scores
-            mult, lengths = group["mult"], [s[4] for s in group["segments"]]
-            replicated = group["replicated"]
+        self._follow_distribution(params)
+        laid_out = self._layout_scores(params)
+        scores, segments, group = laid_out if laid_out is not None else (*self._aggregated_scores(params), None)
+        scores = self._dist.agree(scores)  # DDP: rank 0's scores
+        self._report_nonfinite()
+        weights, total = self._weights_for(segments, scores.device)
+        mask_threshold = _weighted_kth(self._dist.gather(scores.float()), int(total * (1 - threshold)), weights)
+        if group is not None:  # the drop masks straight into the reused buffer
+            torch.lt(scores, mask_threshold, out=group.drop)
+            drops = group.drop_views
         else:
-            scores, mult, lengths, axes = self._all_scores(params)
-            replicated = [not _is_sharded(p) or a == 0 for (_, p), a in zip(params, axes)]
-        if self._shard_group is None:
-            scores = _broadcast_from_rank0(scores)
-        if self._nonfinite is not None:
-            skipped = int(self._nonfinite)
-            if skipped > self._nonfinite_reported:
-                logger.warning("Pruner: %d update(s) with non-finite gradients were skipped so far",
-                               skipped)
-                self._nonfinite_reported = skipped
-        total = sum(m * l for m, l in zip(mult, lengths))
-        k = int(total * (1 - threshold))
-        if self._shard_group is not None:  # FSDP2: the threshold of all ranks' scores
-            mask_threshold = self._sharded_threshold(scores, mult, lengths, replicated, threshold, device)
-        elif k <= 0:
-            mask_threshold = float("-inf")
-        elif all(m == 1 for m in mult):
-            mask_threshold = torch.kthvalue(scores, k)[0].item()
-        else:
-            key = (tuple(mult), tuple(lengths), device)
-            if self._weights is None or self._weights[0] != key:  # the same every mask step: build it once
-                self._weights = (key, torch.cat([torch.full((l,), m, dtype=torch.float64, device=device)
-                                                 for m, l in zip(mult, lengths)]))
-            weights = self._weights[1]
-            sorted_scores, order = scores.sort()
-            cum = weights[order].cumsum(0)
-            pos = torch.searchsorted(cum, torch.tensor([float(k)], dtype=torch.float64, device=device))
-            mask_threshold = sorted_scores[pos.clamp(max=sorted_scores.numel() - 1)].item()
-        if group is not None:
-            torch.lt(scores, mask_threshold, out=group["drop"])
-            for (_, p), drop in zip(params, group["drop_views"]):
-                _local(p).masked_fill_(drop, 0.0)
-            return mask_threshold
-        drop_all = scores < mask_threshold
-        offset = 0
-        for (n, p), axis, l in zip(params, axes, lengths):
-            p = _local(p)
-            drop = drop_all[offset:offset + l].to(p.device)
-            offset += l
-            if axis is None:
-                p.masked_fill_(drop.view(p.shape), 0.0)
-            else:
-                p.masked_fill_(drop.unsqueeze(axis), 0.0)
+            drop = scores < mask_threshold
+            drops = [s.view(drop) for s in segments]
+        for (_, p), d in zip(params, drops):
+            p = self._dist.local(p)
+            p.masked_fill_(d.to(p.device), 0.0)
         return mask_threshold
-
-    def _sharded_threshold(self, scores, mult, lengths, replicated, threshold, device):
-        """FSDP2: the k-th smallest element score over all ranks, from their gathered aggregated scores.
-
-        Each rank contributes its rows' scores with their multiplicities; scores every rank holds in full
-        (columns) count on rank 0 only. The gathered multiset is that of one process, so is the threshold.
-        """
-        group = self._shard_group
-        first = torch.distributed.get_rank(group) == 0
-        key = (tuple(mult), tuple(lengths), tuple(replicated), device)
-        if self._sharded_weights is None or self._sharded_weights[0] != key:
-            local = torch.cat([torch.full((l,), float(m) if first or not rep else 0.0, dtype=torch.float64,
-                                          device=device) for m, l, rep in zip(mult, lengths, replicated)] or
-                              [torch.zeros(0, dtype=torch.float64, device=device)])
-            self._sharded_weights = (key, _all_gather_rows(local, group))
-        weights = self._sharded_weights[1]
-        scores = _all_gather_rows(scores.float(), group)
-        k = int(int(weights.sum().item()) * (1 - threshold))
-        if k <= 0:
-            return float("-inf")
-        sorted_scores, order = scores.sort()
-        cum = weights[order].cumsum(0)
-        pos = torch.searchsorted(cum, torch.tensor([float(k)], dtype=torch.float64, device=device))
-        return sorted_scores[pos.clamp(max=sorted_scores.numel() - 1)].item()
 
     def update_and_pruning(self, model, global_step):
         """STEP 3: call after ``optimizer.step()`` and before ``zero_grad()``; returns ``(threshold, mask_threshold)``.
@@ -1776,18 +1957,7 @@ class Pruner(object):
 
         FSDP2: the rows of every rank are gathered, so the layout is that of one process (call it on every rank).
         """
-        row_sharded = self._row_sharded if self._shard_group is not None else {}
-
-        def full(n, t):
-            t = t.detach()
-            if row_sharded.get(n):
-                t = _all_gather_rows(t.contiguous(), self._shard_group)
-            return t.cpu().clone()
-
-        return {"layout": self._layout(),
-                "ipt": {n: full(n, t) for n, t in self.ipt.items()},
-                "exp_avg_ipt": {n: full(n, t) for n, t in self.exp_avg_ipt.items()},
-                "exp_avg_unc": {n: full(n, t) for n, t in self.exp_avg_unc.items()},
+        return {"layout": self._layout(), **self._stats.state_dict(self._dist.full),
                 "nonfinite_steps": 0 if self._nonfinite is None else int(self._nonfinite),
                 "nonfinite_reported": self._nonfinite_reported}
 
@@ -1796,22 +1966,17 @@ class Pruner(object):
         if layout != self._layout():
             raise ValueError(f"Pruner.load_state_dict: saved with {layout}, this pruner is {self._layout()}; "
                              "use the same --pruner_name/--beta2/--structured_method/--structured_direction")
-        # Kept as plain tensors until the next step lays them out next to the parameters (_ensure_stats).
-        self.ipt = dict(state_dict["ipt"])
-        self.exp_avg_ipt = dict(state_dict["exp_avg_ipt"])
-        self.exp_avg_unc = dict(state_dict["exp_avg_unc"])
-        self._groups, self._stats_key = [], None
+        masked = self._masked_params(self.model) if self.model is not None else []
+        values = {kind: dict(state_dict[kind]) for kind in _STAT_KINDS}
+        if masked:
+            self._follow_distribution(masked)
+        for n, p in masked:  # FSDP2: keep this rank's rows of the (single-process layout) statistics
+            for kind in self._stats.kinds:
+                if n in values[kind]:
+                    values[kind][n] = self._dist.own(values[kind][n], p, self._stat_axis(n, p))
+        self._stats.load(values)  # kept as plain tensors until laid out next to the parameters
         self._nonfinite = torch.tensor(int(state_dict.get("nonfinite_steps", 0)))
         self._nonfinite_reported = int(state_dict.get("nonfinite_reported", 0))
-        masked = [(n, p) for n, p in self._masked_params(self.model) if p.requires_grad] if self.model is not None \
-            else []
-        for n, p in masked:  # FSDP2: keep this rank's rows of the (single-process layout) statistics
-            if _is_sharded(p) and (self._axis(n, p) if self.reduced else None) != 0:
-                start, end = _row_range(p)
-                for kind in self._stat_kinds():
-                    t = getattr(self, kind).get(n)
-                    if t is not None and t.dim() and t.shape[0] == p.shape[0]:
-                        getattr(self, kind)[n] = t[start:end]
         if masked and self.pruner_name != "Magnitude":
             self._ensure_stats(masked)
         if masked:
@@ -2637,203 +2802,41 @@ def check_distributed_support(accelerator):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. FSDP2: models bigger than one GPU
+# 7. FSDP2: models bigger than one GPU (utils_fsdp.py)
 # ----------------------------------------------------------------------------------------------------
-_UNSHARDED = weakref.WeakKeyDictionary()  # model sharded by apply_fsdp2 -> its structure on the meta device
+# The FSDP2 wiring lives in utils_fsdp.py next to this file; these forwarders keep ``utils.apply_fsdp2`` etc.
+# working. An unsharded model needs no FSDP2 code: fsdp2_checkpointing and fsdp2_full_model return at once.
+def _fsdp_module():
+    try:
+        if __package__:
+            import importlib
 
-
-def _fsdp2_blocks(model):
-    """The transformer blocks: modules whose class is in ``model._no_split_modules``, else the children of every
-    ``nn.ModuleList`` (``encoder.layer``, ``model.layers``, ...); outermost last, the root excluded."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if m is not model and type(m).__name__ in names]
-    if not blocks:
-        blocks = [c for m in model.modules() if isinstance(m, nn.ModuleList) for c in m if c is not model]
-    seen, out = set(), []
-    for m in reversed(blocks):  # children before their parents
-        if id(m) not in seen:
-            seen.add(id(m))
-            out.append(m)
-    return out
-
-
-def _meta_twin(model):
-    """A copy of ``model`` whose parameters are on the meta device (ties kept; buffers and attributes copied)."""
-    memo = {id(p): nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=p.requires_grad)
-            for p in model.parameters()}
-    return copy.deepcopy(model, memo)
+            return importlib.import_module(".utils_fsdp", __package__)
+        import utils_fsdp
+    except ImportError as e:
+        raise ImportError(f"LoSparse: FSDP2 needs utils_fsdp.py next to utils.py ({Path(__file__).resolve().parent}); "
+                          "copy it from the LoSparse repository (a single-GPU or DDP run needs utils.py only)") from e
+    return utils_fsdp
 
 
 def apply_fsdp2(model, accelerator=None, **fully_shard_kwargs):
-    """Shard ``model`` with PyTorch's FSDP2 across the processes torchrun / Accelerate started (CPU gloo or GPUs).
-
-    ``torch.distributed.fsdp.fully_shard`` is applied to every transformer block (see :func:`_fsdp2_blocks`), then
-    to the root, over a 1-D mesh of all ranks: each parameter becomes a ``DTensor`` holding whole rows on each
-    rank, which the :class:`Pruner` scores and masks where they live. Call it after STEP 1 (and after loading
-    any checkpoint) and before building the optimizer. With ``accelerator`` under Accelerate's FSDP2 plugin its
-    ``reshard_after_forward``, mixed precision and CPU offload settings are used, and ``accelerator.prepare``
-    then keeps the sharded model as it is; otherwise the model is registered with ``accelerator`` (autocast,
-    ``save_state``) without a DDP wrapper. Extra ``fully_shard_kwargs`` go to every ``fully_shard`` call. One
-    process: nothing to shard, the model is returned unchanged. See :func:`fsdp2_checkpointing` and
-    :func:`fsdp2_full_model`.
-    """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        logger.warning("LoSparse: FSDP2 requested with a single process: nothing to shard, training unsharded")
-        return model
-    from torch.distributed.device_mesh import init_device_mesh
-    try:
-        from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-    except ImportError:  # torch 2.4 / 2.5
-        from torch.distributed._composable.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-
-    if isinstance(model, FSDPModule):
-        return model
-    accelerate_fsdp2 = accelerator is not None and getattr(accelerator, "is_fsdp2", False)
-    kwargs = {}
-    if accelerate_fsdp2:
-        plugin = accelerator.state.fsdp_plugin
-        kwargs["reshard_after_forward"] = plugin.reshard_after_forward
-        if plugin.mixed_precision_policy is not None:
-            kwargs["mp_policy"] = plugin.mixed_precision_policy
-        if plugin.cpu_offload is not None:
-            kwargs["offload_policy"] = plugin.cpu_offload
-    kwargs.update(fully_shard_kwargs)
-    device = accelerator.device if accelerator is not None else \
-        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    world = dist.get_world_size()
-    mesh = init_device_mesh(device.type, (world,))
-    skeleton = _meta_twin(model)
-    blocks = _fsdp2_blocks(model)
-    kinds = ", ".join(sorted({type(b).__name__ for b in blocks})) or "none"
-    for block in blocks:
-        fully_shard(block, mesh=mesh, **kwargs)
-    fully_shard(model, mesh=mesh, **kwargs)
-    for m in model.modules():  # FSDP2 re-gathers parameters into the same storage without bumping their versions
-        if isinstance(m, LinearLoSparse):
-            m.cache_derived = False
-    if callable(getattr(model, "generate", None)):  # generate() calls the encoder directly: gather the root first
-        register_fsdp_forward_method(model, "generate")
-    _UNSHARDED[model] = skeleton
-    local = sum(_local(p).numel() for p in model.parameters())
-    total = sum(p.numel() for p in model.parameters())
-    logger.info("LoSparse: model sharded with FSDP2 (fully_shard) over %d ranks: %d blocks (%s) + the root; this "
-                "rank holds %d of %d parameters", world, len(blocks), kinds, local, total)
-    if accelerator is not None and not accelerate_fsdp2:
-        model = accelerator.prepare_model(model, evaluation_mode=True)  # autocast and save_state, no DDP wrapper
-    return model
-
-
-def _shard_like(value, p):
-    """This rank's rows of ``value`` (a full tensor shaped like FSDP2 parameter ``p``) as a DTensor like ``p``."""
-    if not (_is_sharded(p) and torch.is_tensor(value) and value.dim() and tuple(value.shape) == tuple(p.shape)):
-        return value
-    start, end = _row_range(p)
-    local = value[start:end].to(_local(p).device).contiguous()
-    return _DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
-
-
-def _full_optimizer_state(optimizer):
-    """``optimizer.state_dict()`` with every sharded state gathered (a collective; kept on rank 0 only)."""
-    sd = optimizer.state_dict()
-    keep = torch.distributed.get_rank() == 0
-    state = {}
-    for i in sorted(sd["state"]):
-        entry = {}
-        for k, v in sd["state"][i].items():
-            v = v.full_tensor() if _is_sharded(v) else v
-            entry[k] = v.detach().cpu().clone() if torch.is_tensor(v) else v
-        if keep:
-            state[i] = entry
-    return {"state": state, "param_groups": sd["param_groups"]}
-
-
-def _load_full_optimizer_state(optimizer, state_dict):
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    state = {i: {k: _shard_like(v, params[int(i)]) for k, v in entry.items()}
-             for i, entry in state_dict["state"].items()}
-    optimizer.load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
+    """Shard ``model`` with FSDP2 over all ranks; see :func:`utils_fsdp.apply_fsdp2`."""
+    return _fsdp_module().apply_fsdp2(model, accelerator, **fully_shard_kwargs)
 
 
 def fsdp2_checkpointing(accelerator, model, optimizer=None):
-    """Make ``accelerator.save_state`` / ``load_state`` store a model sharded by :func:`apply_fsdp2` in full.
-
-    The files are those of one process: ``model.safetensors`` with the full weights and ``optimizer.bin`` with
-    the full optimizer state (gathered on the main process), so a run resumes bit-exactly, also on another number
-    of ranks. The :class:`Pruner` gathers its statistics itself (``Pruner.state_dict``). Call it on every rank
-    after ``accelerator.prepare``. No-op for an unsharded model and under Accelerate's own FSDP2 plugin (which
-    writes sharded checkpoints with ``torch.distributed.checkpoint``).
-    """
-    target = _unwrap(model)
-    if getattr(accelerator, "is_fsdp2", False) or not any(_is_sharded(p) for p in target.parameters()):
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-
-    def save_hook(models, weights, output_dir):
-        for i, m in enumerate(models):
-            if _unwrap(m) is target:
-                weights[i] = get_model_state_dict(
-                    target, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def load_hook(models, input_dir):
-        for m in list(models):
-            if _unwrap(m) is not target:
-                continue
-            sd = _read_state_dict(input_dir)
-            ties = {}
-            for n, p in target.named_parameters(remove_duplicate=False):
-                ties.setdefault(id(p), []).append(n)
-            for names in ties.values():  # safetensors keeps one key of tied weights
-                src = next((n for n in names if n in sd), None)
-                for n in names:
-                    if src is not None and n not in sd:
-                        sd[n] = sd[src]
-            set_model_state_dict(target, sd, options=StateDictOptions(full_state_dict=True))
-            models.remove(m)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-    if optimizer is not None:  # Accelerate saves optimizer.state_dict() of the main process only: gather first
-        inner = getattr(optimizer, "optimizer", optimizer)
-        optimizer.state_dict = lambda: _full_optimizer_state(inner)
-        optimizer.load_state_dict = lambda state_dict: _load_full_optimizer_state(inner, state_dict)
+    """Make ``accelerator.save_state`` / ``load_state`` store an FSDP2 model in full; see
+    :func:`utils_fsdp.fsdp2_checkpointing` (no-op for an unsharded model)."""
+    if any(_is_sharded(p) for p in _unwrap(model).parameters()):
+        _fsdp_module().fsdp2_checkpointing(accelerator, model, optimizer)
 
 
 def fsdp2_full_model(model, device="cpu"):
-    """A plain (unsharded) copy of a model sharded by :func:`apply_fsdp2`, with its full weights on ``device``.
-
-    A collective: call it on every rank (each gets the copy). Use it after training for what needs whole
-    matrices: ``save_pretrained``, :func:`save_checkpoint`, :func:`export_compact`, :func:`prune`,
-    :func:`compression_report`. An unsharded model is returned as it is.
-    """
-    target = _unwrap(model)
-    if not any(_is_sharded(p) for p in target.parameters()):
+    """A plain copy of an FSDP2 model with its full weights; see :func:`utils_fsdp.fsdp2_full_model` (an unsharded
+    model is returned as it is)."""
+    if not any(_is_sharded(p) for p in _unwrap(model).parameters()):
         return model
-    skeleton = _UNSHARDED.get(target)
-    if skeleton is None:
-        raise RuntimeError("fsdp2_full_model: the model was not sharded by utils.apply_fsdp2, which records its "
-                           "unsharded structure; shard it with utils.apply_fsdp2")
-    twin = copy.deepcopy(skeleton)
-    metas = dict(twin.named_parameters())
-    names = [n for n, _ in target.named_parameters()]
-    if names != list(metas):
-        raise RuntimeError("fsdp2_full_model: the model's parameters changed since apply_fsdp2 "
-                           f"({len(names)} now, {len(metas)} then)")
-    new = {}
-    for n, p in target.named_parameters():  # the same order on every rank: one all-gather per sharded parameter
-        full = p.full_tensor() if _is_sharded(p) else p
-        new[id(metas[n])] = nn.Parameter(full.detach().to(device).clone(), requires_grad=p.requires_grad)
-    for m in twin.modules():
-        for k, v in m._parameters.items():
-            if v is not None:
-                m._parameters[k] = new[id(v)]
-    buffers = dict(twin.named_buffers())
-    for n, b in target.named_buffers():
-        if n in buffers:
-            buffers[n].copy_((b.full_tensor() if _is_sharded(b) else b).detach())
-    if hasattr(target, "config"):
-        twin.config = target.config
-    return twin.train(target.training)
+    return _fsdp_module().fsdp2_full_model(model, device)
 
 
 # ----------------------------------------------------------------------------------------------------

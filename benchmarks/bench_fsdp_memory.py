@@ -127,7 +127,7 @@ def worker(args):
     utils.substitute_layer_weights(model, C.ALLOW_NAME, C.BLOCK_NAME, parameter_ratio=C.LOW_RANK_RATIO, svd="auto",
                                    log_level="IGNORE")
     total_params = C.num_params(model)
-    model = utils.apply_fsdp2(model) if world > 1 else model.to(device)
+    model = utils.apply_fsdp2(model) if world > 1 else model.to(device)  # forwards to utils_fsdp.py
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     parser = argparse.ArgumentParser()
     utils.add_losparse_args(parser)
@@ -160,7 +160,8 @@ def worker(args):
         rss, peak = _status("VmHWM"), heap.peak
     state = sum(_bytes(p) for p in model.parameters())
     state += sum(_bytes(v) for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
-    state += sum(t.numel() * t.element_size() for g in pruner._groups for t in g["flat"].values())
+    state += sum(t.numel() * t.element_size() for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc")  # the flat buffers
+                 for t in getattr(pruner, kind).values())
     out = {"ranks": world, "rank": rank, "params": total_params,
            "local_params": sum(utils._local(p).numel() for p in model.parameters()),
            "state_mib": round(state / 2**20, 1), "peak_mib": round(peak / 2**20, 1),

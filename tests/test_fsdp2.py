@@ -436,3 +436,167 @@ def test_fsdp2_flag_and_single_process_fallback(caplog):
         assert utils.apply_fsdp2(model) is model
     assert "single process: nothing to shard" in caplog.text
     assert utils.fsdp2_full_model(model) is model
+
+
+# ----------------------------------------------------------------------------------------------------
+# In this process, on a world of one rank (gloo): every collective runs, over one rank
+# ----------------------------------------------------------------------------------------------------
+@pytest.fixture
+def world_of_one(tmp_path):
+    dist = torch.distributed
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method,direction,beta2,pruner_name", [
+    ("mean", "row", 1.0, "PLATON"),  # reduced statistics, scores straight from the flat buffers
+    ("sum", "col", 1.0, "PLATON"),  # reduced column sums (all-reduced)
+    ("max", "col", 0.5, "PLATON"),  # element statistics, column aggregates (all-reduced)
+    ("mean", "row_col", 2.0, "PLATON"),  # rows of query, columns of dense
+    (None, "row", 1.0, "PLATON"),  # unstructured
+    ("min", "col", 1.0, "Magnitude"),
+])
+def test_the_three_distributions_give_identical_masks(world_of_one, method, direction, beta2, pruner_name):
+    """One process (``_Local``), DDP (``_Replicated``: rank 0's scores broadcast) and FSDP2 row shards
+    (``_RowShards``: the sparse matrices as ``DTensor`` row shards, each reduction a collective) run the same pruning
+    maths: the same mask thresholds, masks and statistics at every step."""
+    import argparse
+    import copy
+
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import utils
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query = nn.Linear(12, 21)
+            self.dense = nn.Linear(21, 16)
+
+    mesh = init_device_mesh("cpu", (1,))
+    parser = argparse.ArgumentParser()
+    utils.add_losparse_args(parser)
+    args = parser.parse_args(["--final_threshold", "0.3", "--warmup_steps", "2", "--initial_warmup", "1",
+                              "--final_warmup", "2", "--deltaT", "2", "--beta2", str(beta2)])
+    torch.manual_seed(0)
+    base = Net()
+    utils.substitute_layer_weights(base, ["query", "dense"], [], parameter_ratio=0.2)
+    runs = {}
+    for kind in ("local", "replicated", "rows"):
+        model = copy.deepcopy(base)
+        if kind == "rows":
+            for m in (model.query, model.dense):
+                m.sparse.weight = nn.Parameter(distribute_tensor(m.sparse.weight.detach(), mesh, [Shard(0)]))
+        pruner = utils.Pruner(model, args, total_step=12, structured_method=method, structured_direction=direction,
+                              pruner_name=pruner_name)
+        assert type(pruner._dist) is (utils._RowShards if kind == "rows" else utils._Local)
+        if kind == "replicated":
+            pruner._dist = utils._Replicated()
+        g = torch.Generator().manual_seed(1)
+        steps = []
+        for step in range(12):
+            for m in (model.query, model.dense):
+                p = m.sparse.weight
+                grad = torch.randn(p.shape, generator=g) * (1 + torch.rand(p.shape[0], 1, generator=g))
+                p.grad = distribute_tensor(grad, mesh, [Shard(0)]) if kind == "rows" else grad
+                with torch.no_grad():
+                    utils._local(p).sub_(0.01 * grad)
+            _, mask_threshold = pruner.update_and_pruning(model, step)
+            steps.append((mask_threshold, [(m.sparse.weight.full_tensor() if kind == "rows" else m.sparse.weight)
+                                           .detach().clone() for m in (model.query, model.dense)]))
+        runs[kind] = (steps, pruner.state_dict())
+    local_steps, local_state = runs["local"]
+    assert sum(t is not None for t, _ in local_steps) >= 6
+    assert 0 < sum(int((w == 0).sum()) for w in local_steps[-1][1]) < sum(w.numel() for w in local_steps[-1][1])
+    for kind in ("replicated", "rows"):
+        steps, state = runs[kind]
+        for step, ((ta, wa), (tb, wb)) in enumerate(zip(local_steps, steps)):
+            assert ta == tb, (kind, step)
+            assert all(torch.equal(a, b) for a, b in zip(wa, wb)), (kind, step)
+        assert state.keys() == local_state.keys() and state["layout"] == local_state["layout"]
+        for stat in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            assert state[stat].keys() == local_state[stat].keys(), (kind, stat)
+            assert all(torch.equal(state[stat][n], t) for n, t in local_state[stat].items()), (kind, stat)
+
+
+def test_fsdp2_checkpointing_registers_hooks_and_replaces_no_method(world_of_one):
+    """``fsdp2_checkpointing`` works through hooks (Accelerate's save/load pre-hooks, the optimizer's state_dict
+    hooks): no method of the optimizer or the model is replaced; ``optimizer.state_dict()`` is that of one process
+    (full tensors, parameter indices) and ``load_state_dict`` takes it back into the shards; the sharded model's
+    record is an attribute of the model, not module state."""
+    import copy
+
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import utils
+    import utils_fsdp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    plain = copy.deepcopy(model)
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    assert all(utils._is_sharded(p) for p in model.parameters())
+    opt, ref = torch.optim.AdamW(model.parameters(), lr=0.1), torch.optim.AdamW(plain.parameters(), lr=0.1)
+    x = torch.randn(5, 8)
+    for m, o in ((model, opt), (plain, ref)):
+        m(x).pow(2).mean().backward()
+        o.step()
+        o.zero_grad()
+
+    class Registry:  # the two Accelerate calls fsdp2_checkpointing makes
+        def __init__(self):
+            self.save, self.load = [], []
+
+        def register_save_state_pre_hook(self, hook):
+            self.save.append(hook)
+
+        def register_load_state_pre_hook(self, hook):
+            self.load.append(hook)
+
+    accelerator = Registry()
+    utils.fsdp2_checkpointing(accelerator, model, opt)
+    assert len(accelerator.save) == len(accelerator.load) == 1
+    for obj in (opt, model):
+        for name in ("state_dict", "load_state_dict"):
+            assert name not in vars(obj) and getattr(type(obj), name) is getattr(obj, name).__func__, name
+    full, expected = opt.state_dict(), ref.state_dict()
+    assert full["param_groups"] == expected["param_groups"] and list(full["state"]) == [0, 1, 2, 3]
+    for i, entry in expected["state"].items():
+        assert full["state"][i].keys() == entry.keys()
+        for k, v in entry.items():
+            got = full["state"][i][k]
+            assert not utils._is_sharded(got) and got.shape == v.shape and got.device.type == "cpu", (i, k)
+            assert torch.allclose(got, v, atol=1e-6, rtol=0), (i, k)
+    opt.load_state_dict(copy.deepcopy(full))  # back into the shards
+    for i, p in enumerate(model.parameters()):
+        assert utils._is_sharded(opt.state[p]["exp_avg"])
+        assert torch.equal(opt.state[p]["exp_avg"].full_tensor(), full["state"][i]["exp_avg"])
+    weights = [None]
+    accelerator.save[0]([model], weights, "unused")  # the full weights go to model.safetensors
+    assert weights[0].keys() == plain.state_dict().keys()
+    assert all(not utils._is_sharded(v) and v.shape == plain.state_dict()[k].shape for k, v in weights[0].items())
+    assert not hasattr(utils, "_UNSHARDED") and not hasattr(utils_fsdp, "_UNSHARDED")
+
+
+def test_utils_alone_forwards_fsdp2_with_a_clear_error(tmp_path):
+    """utils.py copied alone: an unsharded model needs no utils_fsdp.py (fsdp2_full_model / fsdp2_checkpointing
+    return at once); apply_fsdp2 says which file is missing."""
+    import shutil
+
+    shutil.copy(REPO / "utils.py", tmp_path / "utils.py")
+    code = ("import pytest, torch, utils\n"
+            "m = torch.nn.Linear(2, 2)\n"
+            "assert utils.fsdp2_full_model(m) is m and utils.fsdp2_checkpointing(None, m, None) is None\n"
+            "with pytest.raises(ImportError, match=r'FSDP2 needs utils_fsdp.py next to utils.py'):\n"
+            "    utils.apply_fsdp2(m)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, **ENV}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]

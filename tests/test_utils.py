@@ -543,6 +543,56 @@ def test_schedule_matches_formula():
     assert pr.schedule_threshold_comb(40)[0] == pytest.approx(0.15 + 0.85 * 0.5 ** 3)
 
 
+def test_cubic_schedule_exact_values():
+    """The pure schedule function at a few steps (ti = 3, tf = 6 of 40), and the Pruner's method is that function."""
+    kw = dict(total_step=40, initial_threshold=1.0, final_threshold=0.3, initial_warmup=1, final_warmup=2,
+              warmup_steps=3, deltaT=2)
+    assert utils.cubic_schedule(0, **kw) == (1.0, False) and utils.cubic_schedule(3, **kw) == (1.0, False)
+    thr, mask = utils.cubic_schedule(4, **kw)  # 1 - (4 - 3) / (40 - 3 - 6) = 30/31
+    assert mask is True and thr == pytest.approx(0.3 + 0.7 * 27000 / 29791, rel=0, abs=1e-15)
+    thr, mask = utils.cubic_schedule(19, **kw)  # 15/31
+    assert mask is False and thr == pytest.approx(0.3 + 0.7 * 3375 / 29791, rel=0, abs=1e-15)
+    assert utils.cubic_schedule(34, **kw) == (0.3, True)  # progress 1: the final threshold, reached exactly
+    assert utils.cubic_schedule(35, **kw) == (0.3, True) and utils.cubic_schedule(39, **kw) == (0.3, True)
+    assert utils.cubic_schedule(5, **{**kw, "deltaT": 5})[1] is True
+    pr = utils.Pruner(nn.Linear(2, 2), _args(), total_step=40)
+    assert [pr.schedule_threshold_comb(t) for t in range(40)] == [utils.cubic_schedule(t, **kw) for t in range(40)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_weighted_kth_matches_elementwise_kth(seed):
+    """One weighted k-th function for every mode: the k-th smallest of the expanded multiset, with ties and zero
+    weights (scores another rank counts), for every k; unit weights (None) are ``torch.kthvalue``."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 7, (40,), generator=g).float() / 7  # many ties
+    weights = torch.randint(0, 5, (40,), generator=g)
+    expanded = scores.repeat_interleave(weights)
+    for k in range(1, expanded.numel() + 1):
+        assert utils._weighted_kth(scores, k, weights.double()) == torch.kthvalue(expanded, k)[0].item(), k
+    for k in range(1, scores.numel() + 1):
+        assert utils._weighted_kth(scores, k) == torch.kthvalue(scores, k)[0].item()
+        assert utils._weighted_kth(scores, k, torch.ones(40, dtype=torch.float64)) == torch.kthvalue(scores, k)[0].item()
+    assert utils._weighted_kth(scores, 0, weights.double()) == float("-inf") == utils._weighted_kth(scores, -3)
+
+
+def test_pruner_state_dict_format_is_unchanged():
+    """The keys and layout of Pruner.state_dict (checkpoints written before the pruner was split still resume)."""
+    _, pruner, _ = _train_pair("max", "row", 0.5, steps=6)
+    sd = pruner.state_dict()
+    assert list(sd) == ["layout", "ipt", "exp_avg_ipt", "exp_avg_unc", "nonfinite_steps", "nonfinite_reported"]
+    assert sd["layout"] == {"pruner_name": "PLATON", "reduced": False, "beta2": 0.5, "structured_method": "max",
+                            "structured_direction": "row"}
+    names = ["query.sparse.weight", "dense.sparse.weight", "output.sparse.weight"]
+    for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        assert list(sd[kind]) == names
+        assert [tuple(t.shape) for t in sd[kind].values()] == [(10, 12), (16, 10), (12, 16)]
+        assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in sd[kind].values())
+    assert (sd["nonfinite_steps"], sd["nonfinite_reported"]) == (0, 0)
+    _, reduced, _ = _train_pair("mean", "row", 1.0, steps=6)
+    sd = reduced.state_dict()
+    assert [tuple(t.shape) for t in sd["exp_avg_ipt"].values()] == [(10,), (16,), (12,)] and sd["exp_avg_unc"] == {}
+
+
 # The row_col rule, written out here (not imported): rows of these projections, columns of every other matrix.
 REF_ROW_NAMES = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "query_proj", "key_proj", "value_proj")
 
