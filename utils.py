@@ -1385,6 +1385,10 @@ def one_shot_allocate(module, input_cov, output_fisher, kept_fraction, allow_nam
             L = L / d["d"][:, None].to(L.device)
         if d["K_inv"] is not None:
             R = R @ d["K_inv"].to(R.device)
+        if r:  # balance each component (||L_:j|| = ||R_j:||, L R unchanged): the whitening leaves them lopsided,
+            nl, nr = L.norm(dim=0), R.norm(dim=1)  # which makes gradient steps on L, R badly scaled
+            g = torch.where((nl > 0) & (nr > 0), (nr / nl.clamp_min(1e-300)).sqrt(), torch.ones_like(nl))
+            L, R = L * g, R / g[:, None]
         L, R = L.float(), R.float()
         Sm = None
         if rows:

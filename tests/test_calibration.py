@@ -382,6 +382,8 @@ def test_one_shot_allocate_budget_and_weighted_error(parts):
     assert info["budget"] - stored < unit  # within one unit (a row, or one rank step) of the budget
     assert [(x["rank"], x["kept_rows"]) for x in info["layers"]] == [(m.reduced_rank, m.kept_rows) for m in layers.values()]
     assert all(m.reduced_rank % 2 == 0 for m in layers.values())
+    for m in layers.values():  # each component balanced: ||L_:j|| = ||R_j:||
+        torch.testing.assert_close(m.left.weight.norm(dim=0), m.right.weight.norm(dim=1), rtol=1e-4, atol=1e-6)
     if parts == ("rows",):
         assert all(m.reduced_rank == 0 for m in layers.values())
     if parts == ("lowrank",):
