@@ -1315,7 +1315,8 @@ def one_shot_allocate(module, input_cov, output_fisher, kept_fraction, allow_nam
       relaxation (one price per parameter) and the rest of the budget is spent greedily. A layer may get rank 0
       or keep every row;
     * ``refit`` times: L R refitted to the non-kept rows only (kept rows are exact), then the rows re-chosen on
-      the new residual (the weighted error does not increase).
+      the new residual (the weighted error does not increase). Each rank-1 component of the result is balanced
+      (``||L_:j|| = ||R_j:||``, the product unchanged) so that fine-tuning steps on L and R are evenly scaled.
 
     ``parts``: ``("lowrank", "rows")`` (LoSparse), ``("lowrank",)`` (low rank only, S absent) or ``("rows",)``
     (rows of W only, rank 0). Memory: the full SVDs of all layers are held at once (3x the weights).
