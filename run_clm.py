@@ -184,10 +184,13 @@ def parse_args(argv=None):
                    help="A txt, csv, json or jsonl file with the calibration text (default: the training file/split; "
                         "the same --text_column).")
     g.add_argument("--one_shot", action="store_true",
-                   help="After STEP 1, keep only the rows of S with the most output energy on the calibration blocks "
-                        "(globally, --final_threshold of S) and report that perplexity before any training; then "
-                        "train (PLATON goes on from there, e.g. with --initial_threshold = --final_threshold) or "
-                        "pass --num_train_epochs 0 to only compress and save.")
+                   help="Compress with no training and report that perplexity before any training. With --init "
+                        "calibrated: one budget of (--low_rank_parameter_ratio + --final_threshold) of the replaced "
+                        "matrices, shared out over every layer's rank and kept rows of S by the second-order loss "
+                        "increase on the calibration blocks (input statistics and output Fisher, "
+                        "utils.one_shot_allocate); PLATON then goes on at the fraction of S kept. With --init svd: "
+                        "keep the --final_threshold of the rows of S with the most output energy (utils.one_shot_rows)."
+                        " Pass --num_train_epochs 0 to only compress and save.")
     utils.add_losparse_args(parser)
     args = parser.parse_args(argv)
     _check_args(parser, args)
@@ -611,19 +614,41 @@ def main(argv=None):
     # layer takes the rank found in the file.
     # --init calibrated / --one_shot: the input statistics C = E[x x^T] of every layer to replace, from one pass
     # over the calibration blocks, give the activation-aware L R and the one-shot choice of the rows of S.
+    allocates = not args.no_losparse and args.init == "calibrated" and args.one_shot
     if not args.no_losparse:
-        input_cov = None
+        input_cov = output_fisher = None
         if calibrates:
             if accelerator.num_processes == 1:
                 model.to(accelerator.device)
             ids = torch.tensor(calibration_dataset["input_ids"], device=model.device)
             logger.info(f"Calibration: {len(ids)} blocks of {block_size} tokens")
             step = args.per_device_eval_batch_size
+            calib_batches = [ids[i: i + step] for i in range(0, len(ids), step)]
             try:
-                input_cov = utils.collect_input_covariance(model, [ids[i: i + step] for i in range(0, len(ids), step)],
-                                                           allow_name, block_name)
+                input_cov = utils.collect_input_covariance(model, calib_batches, allow_name, block_name)
+                if allocates:
+                    output_fisher = utils.collect_output_fisher(model, calib_batches, allow_name, block_name)
             except (ValueError, RuntimeError) as e:
                 raise SystemExit(f"run_clm.py: error: calibration: {e}")
+    if allocates:
+        # --init calibrated --one_shot: one budget, (--low_rank_parameter_ratio + --final_threshold) of the replaced
+        # matrices, shared out over ranks and kept rows of S of every layer by the second-order loss increase
+        # (two-sided whitened SVD with the output Fisher; utils.one_shot_allocate). PLATON then goes on at the
+        # fraction of S the allocation kept, so the budget stays that of the two flags.
+        budget = min(1.0, args.low_rank_parameter_ratio + args.final_threshold)
+        try:
+            info = utils.one_shot_allocate(model, input_cov, output_fisher, budget, allow_name, block_name)
+        except ValueError as e:
+            raise SystemExit(f"run_clm.py: error: --one_shot: {e}")
+        del input_cov, output_fisher
+        kept_s = sum(x["kept_rows"] * x["in_features"] for x in info["layers"])
+        all_s = sum(x["out_features"] * x["in_features"] for x in info["layers"])
+        args.initial_threshold = args.final_threshold = max(kept_s, 1) / all_s
+        ranks = [x["rank"] for x in info["layers"]]
+        logger.info(f"One-shot allocation: {info['stored']} stored parameters of a budget of {info['budget']} "
+                    f"({budget:.4f} of the replaced matrices); ranks {min(ranks)}-{max(ranks)}; kept rows of S: "
+                    f"{args.final_threshold:.6f} of S (the Pruner's --initial_threshold / --final_threshold from here)")
+    elif not args.no_losparse:
         try:
             replaced = utils.substitute_layer_weights(module=model,
                                                       allow_name=allow_name,

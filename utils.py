@@ -62,7 +62,7 @@ logger = logging.getLogger("losparse")
 
 __all__ = [
     "low_rank_decomposition", "LinearLoSparse", "substitute_layer_weights", "prune", "Pruner",
-    "collect_input_covariance", "one_shot_rows",
+    "collect_input_covariance", "one_shot_rows", "collect_output_fisher", "one_shot_allocate",
     "load_checkpoint", "save_checkpoint", "export_compact", "load_compact", "compression_report",
     "CompressionReport", "CheckpointMismatchError", "add_losparse_args", "validate_losparse_args",
     "check_distributed_support", "apply_fsdp2", "fsdp2_checkpointing", "fsdp2_full_model", "refresh",
@@ -135,9 +135,23 @@ def _whitening(input_cov, damp=1e-6):
     return K, K_inv, {"fallback": "singular input_cov: damped" if singular else None, "delta": delta}
 
 
+def _output_scale(output_fisher, H, damp=1e-6):
+    """``D^1/2`` (float64 vector) of the output weights ``F`` (damped by ``damp * mean(F)``; all ones if F is 0)."""
+    F = output_fisher.detach().to(torch.float64).flatten()
+    if F.numel() != H:
+        raise ValueError(f"output_fisher must have {H} entries (out_features), got {F.numel()}")
+    if not torch.isfinite(F).all() or bool((F < 0).any()):
+        raise ValueError("output_fisher must be finite and non-negative")
+    scale = float(F.mean())
+    if not scale > 0:
+        logger.warning("output_fisher is zero (the outputs never reached the loss): outputs weighted equally")
+        return torch.ones_like(F)
+    return (F + damp * scale).sqrt()
+
+
 def low_rank_decomposition(weight, rank_ratio=0.1, parameter_ratio=0.15, remove_criteria="max_eigenvalue",
                            log_level="INFO", return_dict=False, svd="full", niter=4, oversample=None, input_cov=None,
-                           _whitened=None):
+                           _whitened=None, output_fisher=None):
     """Truncated SVD ``weight ≈ L @ R`` with the singular values split as ``sqrt`` into both factors.
 
     :param weight:          2-D tensor (H, W); decomposed in float32 on its own device, whatever its dtype.
@@ -158,6 +172,12 @@ def low_rank_decomposition(weight, rank_ratio=0.1, parameter_ratio=0.15, remove_
                             float32). ``C`` is damped by ``1e-6 * mean(diag C)`` (more if a singular ``C`` needs
                             it); a zero ``C`` falls back to the plain SVD (with a warning). Then ``U, S, Vh`` of
                             the dict are those of ``W K`` and the dict also holds ``K_inv``.
+    :param output_fisher:   ``F = E[(dLoss/dy)^2]`` (out) of the layer's outputs (:func:`collect_output_fisher`):
+                            weight each output by ``F`` too, i.e. minimise ``E[sum_i F_i ((W - L R) x)_i^2]``, the
+                            second-order loss increase (two-sided whitening, as FWSVD + SVD-LLM): truncated SVD of
+                            ``D^1/2 W K`` (``D = diag(F)``, damped by ``1e-6 * mean(F)``), mapped back by
+                            ``D^-1/2``. The dict then also holds ``d`` (the ``D^1/2`` vector). ``F = 1`` gives the
+                            one-sided (or, without ``input_cov``, the plain) SVD.
     :return: ``(L, R)`` in float32, or the dict.
     """
     if weight.dim() != 2:
@@ -180,6 +200,10 @@ def low_rank_decomposition(weight, rank_ratio=0.1, parameter_ratio=0.15, remove_
             if info["fallback"]:
                 logger.debug("low_rank_decomposition: %s by %.3g", info["fallback"], info["delta"])
             A = (weight.detach().to(torch.float64) @ K).float()  # whitened in float64, SVD in float32
+    d = None
+    if output_fisher is not None:
+        d = _output_scale(output_fisher, H).to(A.device)
+        A = (d[:, None] * A.double()).float()
     r = _reduced_rank(H, W, parameter_ratio, rank_ratio) if parameter_ratio is not None else None
     oversample = max(10, (r or 0) // 2) if oversample is None else oversample
 
@@ -207,6 +231,8 @@ def low_rank_decomposition(weight, rank_ratio=0.1, parameter_ratio=0.15, remove_
     R = sqrt_s[:, None] * Vh[idx]
     if K_inv is not None:  # back from the whitened coordinates: (W K)_r K^-1
         L, R = L.float(), (R.double() @ K_inv).float()
+    if d is not None:  # and D^-1/2 (D^1/2 W K)_r
+        L = (L.double() / d[:, None]).float()
 
     if log_level != "IGNORE":
         logger.debug("SVD (%s) of %dx%d -> rank %d, %d parameters", method, H, W, r, r * (H + W))
@@ -214,6 +240,8 @@ def low_rank_decomposition(weight, rank_ratio=0.1, parameter_ratio=0.15, remove_
         out = {"L": L, "R": R, "U": U, "S": S, "Vh": Vh, "reduced_rank": r}
         if K_inv is not None:
             out["K_inv"] = K_inv
+        if d is not None:
+            out["d"] = d
         return out
     return L, R
 
@@ -1222,6 +1250,285 @@ def one_shot_rows(module, input_cov, kept_fraction, normalize=True):
             "total_entries": total}
     logger.info("LoSparse one-shot: kept %d of %d rows of S (%.2f%% of its entries)", info["kept_rows"],
                 info["total_rows"], 100 * info["kept_entries"] / total)
+    return info
+
+
+def _calibration_targets(model, allow_name, block_name, names, what):
+    targets = _linear_targets(model, allow_name, block_name)
+    if names is not None:
+        unknown = sorted(set(names) - {n for n, _ in targets})
+        if unknown:
+            raise ValueError(f"names: {unknown[:3]} are not layers to replace (allow_name={allow_name})")
+        targets = [(n, m) for n, m in targets if n in set(names)]
+    if not targets:
+        raise ValueError(f"{what}: no nn.Linear matches allow_name={allow_name}")
+    return targets
+
+
+def collect_output_fisher(model, batches, allow_name=None, block_name=None, names=None):
+    """Calibration: ``F = E[(dLoss/dy)^2]`` per output feature of the layers STEP 1 would replace (diagonal Fisher).
+
+    ``Loss`` is the next-token cross-entropy of a causal LM, summed over the tokens of a batch (labels: the
+    batch's ``labels`` if it is a dict holding them, else its ``input_ids``; ``-100`` ignored), so ``dLoss/dy``
+    is each token's own gradient; ``F`` is the mean of its square over every token row of ``y``. One backward
+    pass per batch (``torch.autograd.grad`` on the layers' outputs; no parameter ``.grad`` is touched). With
+    ``C`` from :func:`collect_input_covariance`, ``1/2 sum_i F_i E[((W - W')_i x)^2]`` is the second-order
+    loss increase of replacing ``W`` by ``W'``, comparable across layers (:func:`one_shot_allocate`).
+
+    :return: ``{qualified layer name: F}`` (float64 vectors of ``out_features``); logs tokens and time.
+    """
+    targets = _calibration_targets(model, allow_name, block_name, names, "collect_output_fisher")
+    sums, counts, outs = {}, {}, []
+
+    def hook(name):
+        def fwd(mod, args, out):
+            if out.requires_grad:
+                outs.append((name, out))
+        return fwd
+
+    flags = [(m.weight, m.weight.requires_grad) for _, m in targets]
+    handles = [m.register_forward_hook(hook(n)) for n, m in targets]
+    was_training = model.training
+    model.eval()
+    start, tokens = time.perf_counter(), 0
+    try:
+        for w, _ in flags:
+            w.requires_grad_(True)  # so that every output is in the graph (no .grad is accumulated)
+        with torch.enable_grad():
+            for batch in batches:
+                outs.clear()
+                if isinstance(batch, dict):
+                    inputs = {k: v for k, v in batch.items() if k != "labels"}
+                    labels = batch.get("labels", batch.get("input_ids"))
+                else:
+                    inputs, labels = {"input_ids": batch}, batch
+                logits = model(**inputs).logits[:, :-1].float()
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                       ignore_index=-100, reduction="sum")
+                grads = torch.autograd.grad(loss, [o for _, o in outs], allow_unused=True)
+                for (n, o), g in zip(outs, grads):
+                    g2 = torch.zeros_like(o) if g is None else g.detach()
+                    g2 = g2.reshape(-1, g2.shape[-1]).double()
+                    if n not in sums:
+                        sums[n], counts[n] = torch.zeros(g2.shape[1], dtype=torch.float64, device=g2.device), 0
+                    sums[n] += (g2 * g2).sum(0)
+                    counts[n] += g2.shape[0]
+                tokens += int((labels[:, 1:] != -100).sum())
+                del logits, loss, grads
+    finally:
+        outs.clear()
+        for h in handles:
+            h.remove()
+        for w, flag in flags:
+            w.requires_grad_(flag)
+        model.train(was_training)
+    missing = [n for n, _ in targets if n not in sums]
+    if missing:
+        raise RuntimeError(f"collect_output_fisher: {len(missing)} layers were never called, e.g. {missing[:3]}")
+    fisher = {n: sums[n] / max(counts[n], 1) for n, _ in targets}
+    logger.info("LoSparse calibration (output Fisher): %d predicted tokens, %d layers, %.1f s", tokens, len(fisher),
+                time.perf_counter() - start)
+    return fisher
+
+
+def _fisher_svds(targets, input_cov, output_fisher):
+    """``{name: {"U", "S", "Vh", "K_inv", "d"}}``: full SVD of ``D^1/2 W K`` of every target (shared K computed once)."""
+    whitened, out = {}, {}
+    for name, lin in targets:
+        W = lin.weight.detach()
+        kw = {}
+        if input_cov is not None:
+            C = input_cov[name]
+            if id(C) not in whitened:
+                whitened[id(C)] = (C, _whitening(C.to(W.device)))
+            kw = {"input_cov": C, "_whitened": whitened[id(C)][1]}
+        dec = low_rank_decomposition(W, parameter_ratio=1.0, return_dict=True, log_level="IGNORE", svd="full",
+                                     output_fisher=None if output_fisher is None else output_fisher[name], **kw)
+        out[name] = {"U": dec["U"], "S": dec["S"], "Vh": dec["Vh"], "K_inv": dec.get("K_inv"), "d": dec.get("d")}
+    return out
+
+
+def _allocation_table(U, S, ranks, rows=True):
+    """``(E, res)``: ``res[j, i]`` the weighted energy of row i of ``A - A_r`` (``A = U diag(S) Vh``, r = ranks[j]);
+    ``E[j, k]`` the weighted error with rank ``ranks[j]`` and the ``k`` rows of largest ``res[j]`` kept exactly."""
+    P = U.double() ** 2 * S.double() ** 2  # energy of component k in row i
+    tail = torch.cat([P.flip(1).cumsum(1).flip(1), torch.zeros_like(P[:, :1])], dim=1).clamp_min(0)
+    res = tail[:, ranks].mT.contiguous()  # G x H
+    total = res.sum(1, keepdim=True)
+    if not rows:
+        return total, res
+    kept = torch.cat([torch.zeros_like(total), res.sort(dim=1, descending=True).values.cumsum(1)], dim=1)
+    return (total - kept).clamp_min(0), res
+
+
+def _allocate(tables, budget, fill=True, iters=80):
+    """Global budget allocation: per table ``(E, ranks, rank_cost, row_cost)`` a choice ``(j, k)`` (rank
+    ``ranks[j]``, ``k`` rows) of cost ``ranks[j] * rank_cost + k * row_cost``, minimising ``sum E[j, k]`` with
+    the total cost ``<= budget``. Lagrangian relaxation (bisection on the price ``lam`` of a parameter; the
+    choice at a price is optimal for its own cost), then ``fill`` spends what is left greedily, best gain per
+    parameter first. Returns ``(choices, cost, lam)``."""
+    grids = []
+    for E, ranks, rank_cost, row_cost in tables:
+        cost = ranks.to(torch.float64)[:, None] * rank_cost + torch.arange(E.shape[1], dtype=torch.float64) * row_cost
+        grids.append((E, cost))
+
+    def choose(lam):
+        out, total = [], 0
+        for E, cost in grids:
+            f = int(torch.argmin((E + lam * cost).flatten()))
+            j, k = divmod(f, E.shape[1])
+            out.append((j, k))
+            total += int(cost[j, k])
+        return out, total
+
+    choice, total = choose(0.0)
+    lam = 0.0
+    if total > budget:
+        lo = 0.0
+        hi = max(float(E.max()) for E, _ in grids) / max(1.0, min(float(c[c > 0].min()) for _, c in grids
+                                                                  if (c > 0).any())) * 2 + 1e-300
+        choice, total = choose(hi)
+        for _ in range(iters):
+            mid = math.sqrt(lo * hi) if lo > 0 else hi * 1e-12
+            c, t = choose(mid)
+            if t <= budget:
+                hi, choice, total = mid, c, t
+            else:
+                lo = mid
+            if lo > 0 and hi / lo < 1 + 1e-12:
+                break
+        lam = hi
+    if fill:
+        choice = list(choice)
+        while True:
+            best = None
+            for i, ((j, k), (E, cost)) in enumerate(zip(choice, grids)):
+                for jj, kk in ((j, k + 1), (j + 1, k)):
+                    if jj < E.shape[0] and kk < E.shape[1]:
+                        dc = int(cost[jj, kk]) - int(cost[j, k])
+                        if 0 < dc <= budget - total:
+                            ratio = float(E[j, k] - E[jj, kk]) / dc
+                            if best is None or ratio > best[0]:  # gains are >= 0 (up to rounding)
+                                best = (ratio, i, jj, kk, dc)
+            if best is None:
+                break
+            _, i, jj, kk, dc = best
+            choice[i], total = (jj, kk), total + dc
+    return choice, total, lam
+
+
+@torch.no_grad()
+def one_shot_allocate(module, input_cov, output_fisher, kept_fraction, allow_name=None, block_name=None,
+                      rank_multiple=8, refit=1, parts=("lowrank", "rows"), _svds=None):
+    """STEP 1 + one-shot rows with one global budget: each layer gets its own rank and kept rows of S.
+
+    Replaces the ``nn.Linear`` layers STEP 1 would replace by :class:`LinearLoSparse` layers (uncompacted: then
+    :func:`prune` compacts them, or a Pruner goes on) whose stored parameters (``r (in + out)`` for L, R and
+    ``in + 1`` per kept row of S, its index counted) add up to at most ``floor(kept_fraction * sum in * out)``,
+    chosen to minimise the total weighted error ``sum_i F_i E[((W - W')_i x)^2]`` over all layers (the
+    second-order loss increase, in the same units for every layer when ``output_fisher`` is given):
+
+    * per layer the full SVD of ``D^1/2 W K`` (``C = K K^T`` from ``input_cov``, ``D = diag(F)`` from
+      ``output_fisher``; either may be None: identity); the rank-r part is its truncated SVD, a kept row of S
+      reproduces that row of W exactly;
+    * the error of every (rank in multiples of ``rank_multiple``, number of kept rows) pair, the rows being the
+      ones with the largest weighted residual; then the pairs are chosen across layers by a Lagrangian
+      relaxation (one price per parameter) and the rest of the budget is spent greedily. A layer may get rank 0
+      or keep every row;
+    * ``refit`` times: L R refitted to the non-kept rows only (kept rows are exact), then the rows re-chosen on
+      the new residual (the weighted error does not increase). Each rank-1 component of the result is balanced
+      (``||L_:j|| = ||R_j:||``, the product unchanged) so that fine-tuning steps on L and R are evenly scaled.
+
+    ``parts``: ``("lowrank", "rows")`` (LoSparse), ``("lowrank",)`` (low rank only, S absent) or ``("rows",)``
+    (rows of W only, rank 0). Memory: the full SVDs of all layers are held at once (3x the weights).
+
+    :return: ``{"budget", "stored", "total_entries", "weighted_error", "weighted_error_before_refit",
+              "layers": [{"name", "rank", "kept_rows", "in_features", "out_features"}]}``.
+    """
+    if not 0 <= kept_fraction <= 1:
+        raise ValueError(f"kept_fraction must be in [0, 1], got {kept_fraction!r}")
+    parts = tuple(parts)
+    if not parts or any(p not in ("lowrank", "rows") for p in parts):
+        raise ValueError(f"parts must be a non-empty subset of ('lowrank', 'rows'), got {parts!r}")
+    if rank_multiple < 1 or refit < 0:
+        raise ValueError(f"rank_multiple must be >= 1 and refit >= 0, got {rank_multiple}, {refit}")
+    targets = _linear_targets(module, allow_name, block_name)
+    if not targets:
+        raise ValueError(f"one_shot_allocate: no nn.Linear matches allow_name={allow_name}")
+    for stats, what in ((input_cov, "input_cov"), (output_fisher, "output_fisher")):
+        missing = [] if stats is None else [n for n, _ in targets if n not in stats]
+        if missing:
+            raise ValueError(f"one_shot_allocate: {what} has no statistics for {len(missing)} of the {len(targets)} "
+                             f"layers to replace, e.g. {missing[:3]}")
+    start = time.perf_counter()
+    svds = _svds if _svds is not None else _fisher_svds(targets, input_cov, output_fisher)
+    rows = "rows" in parts
+    tables, info_tables = [], []
+    for name, lin in targets:
+        H, Win = lin.weight.shape
+        q = svds[name]["S"].numel()
+        ranks = (torch.unique(torch.cat([torch.arange(0, q, rank_multiple), torch.tensor([q])]))
+                 if "lowrank" in parts else torch.zeros(1, dtype=torch.long))
+        E, res = _allocation_table(svds[name]["U"].cpu(), svds[name]["S"].cpu(), ranks, rows)
+        tables.append((E, ranks, H + Win, Win + 1))
+        info_tables.append(res)
+    total_entries = sum(m.weight.numel() for _, m in targets)
+    budget = math.floor(kept_fraction * total_entries)
+    choice, stored, lam = _allocate(tables, budget)
+    before = sum(float(t[0][j, k]) for t, (j, k) in zip(tables, choice))
+    after, layers = 0.0, []
+    for (name, lin), (E, ranks, _, _), res, (j, k) in zip(targets, tables, info_tables, choice):
+        d = svds[name]
+        W = lin.weight.detach()
+        H, Win = W.shape
+        r = int(ranks[j])
+        U, S, Vh = d["U"], d["S"], d["Vh"]
+        kept = torch.topk(res[j], k).indices.to(U.device) if k else torch.zeros(0, dtype=torch.long, device=U.device)
+        s = S[:r].sqrt()
+        Lw, Rw = U[:, :r] * s, s[:, None] * Vh[:r]
+        err = float(E[j, k])
+        if r and 0 < k < H:
+            A = (U * S) @ Vh
+            for _ in range(refit):
+                Am = A.clone()
+                Am[kept] = 0
+                U2, S2, Vh2 = torch.linalg.svd(Am, full_matrices=False)
+                s = S2[:r].sqrt()
+                Lw2, Rw2 = U2[:, :r] * s, s[:, None] * Vh2[:r]
+                e = ((A - Lw2 @ Rw2).double() ** 2).sum(1)
+                kept2 = torch.topk(e, k).indices
+                err2 = float(e.sum() - e[kept2].sum())
+                if err2 > err:  # numerical noise only: keep the better one
+                    break
+                Lw, Rw, kept, err = Lw2, Rw2, kept2, err2
+        after += err
+        L, R = Lw.double(), Rw.double()
+        if d["d"] is not None:
+            L = L / d["d"][:, None].to(L.device)
+        if d["K_inv"] is not None:
+            R = R @ d["K_inv"].to(R.device)
+        if r:  # balance each component (||L_:j|| = ||R_j:||, L R unchanged): the whitening leaves them lopsided,
+            nl, nr = L.norm(dim=0), R.norm(dim=1)  # which makes gradient steps on L, R badly scaled
+            g = torch.where((nl > 0) & (nr > 0), (nr / nl.clamp_min(1e-300)).sqrt(), torch.ones_like(nl))
+            L, R = L * g, R / g[:, None]
+        L, R = L.float(), R.float()
+        Sm = None
+        if rows:
+            Sm = torch.zeros(H, Win, dtype=torch.float32, device=W.device)
+            Sm[kept] = W.float()[kept] - (L @ R)[kept]
+        kw = {"device": W.device, "dtype": W.dtype}
+        layer = LinearLoSparse(Win, H, r, has_bias=lin.bias is not None, has_sparse=rows, device="meta")
+        layer.initialize_weight(L.to(**kw), R.to(**kw), None if Sm is None else Sm.to(**kw),
+                                None if lin.bias is None else lin.bias.detach().clone())
+        _set_submodule(module, name, layer)
+        layers.append({"name": name, "rank": r, "kept_rows": int(k), "in_features": Win, "out_features": H})
+    info = {"budget": budget, "stored": stored, "total_entries": total_entries, "weighted_error": after,
+            "weighted_error_before_refit": before, "layers": layers}
+    ranks = [x["rank"] for x in layers]
+    logger.info("LoSparse one-shot allocation: %d layers, rank %d-%d, %d rows of S kept; %d stored parameters of "
+                "a budget of %d (%.2f%% of %d); weighted error %.4g (%.4g before refit); %.1f s", len(layers),
+                min(ranks), max(ranks), sum(x["kept_rows"] for x in layers), stored, budget,
+                100 * stored / total_entries, total_entries, after, before, time.perf_counter() - start)
     return info
 
 

@@ -12,8 +12,18 @@ counting L, R, the kept rows of S and one index per kept row. Forms:
 * ``lowrank_calibrated``         the activation-aware (whitened) SVD only, same ranks;
 * ``rows_calibrated``            whole rows of W only, kept globally by output energy ``W_i C W_i^T``;
 * ``losparse_svd``               plain SVD + rows of S kept by their norm (LoSparse one-shot, no calibration);
-* ``losparse_calibrated``        whitened SVD + rows of S kept by output energy (``utils.one_shot_rows``);
-* ``*_ft``                       the two LoSparse forms (compacted) and the dense model (``full_ft``) after the same
+* ``losparse_calibrated``        whitened SVD + rows of S kept by output energy (``utils.one_shot_rows``), the same
+                                 split of the budget (share in L, R) and the same parameter ratio for every matrix;
+* ``losparse_allocated``         ``utils.one_shot_allocate``: two-sided whitened SVD (input second moment ``C`` and
+                                 output Fisher ``F`` from ``utils.collect_output_fisher``), ranks and kept rows chosen
+                                 per matrix under one global budget by the second-order loss increase, then L R
+                                 refitted once to the non-kept rows;
+* ``losparse_allocated_norefit`` the same without the refit;
+* ``losparse_allocated_nofisher`` the same (with the refit) with ``F = 1`` (one-sided whitening: output energy);
+* ``lowrank_allocated``          the allocation with low rank only (no S);
+* ``rows_allocated``             the allocation with whole rows of W only (rank 0);
+* ``*_ft``                       the LoSparse forms ``losparse_svd``, ``losparse_calibrated`` and
+                                 ``losparse_allocated`` (compacted) and the dense model (``full_ft``) after the same
                                  short fine-tuning (``--ft_steps`` x ``--ft_batch`` blocks, stated in tokens).
 
 The LoSparse split (share of the budget in L, R) is chosen per ``p`` from ``--splits`` by the loss of the calibrated
@@ -40,7 +50,14 @@ from _common import utils
 LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BLOCK = ["lm_head", "embed_tokens", "norm"]
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-FORMS = ("lowrank_svd", "lowrank_calibrated", "rows_calibrated", "losparse_svd", "losparse_calibrated")
+FORMS = ("lowrank_svd", "lowrank_calibrated", "rows_calibrated", "losparse_svd", "losparse_calibrated",
+         "lowrank_allocated", "rows_allocated", "losparse_allocated_nofisher", "losparse_allocated_norefit",
+         "losparse_allocated")
+FT_FORMS = ("losparse_svd", "losparse_calibrated", "losparse_allocated")
+ALLOCATED = {"lowrank_allocated": (("lowrank",), 1, True), "rows_allocated": (("rows",), 0, True),
+             "losparse_allocated_nofisher": (("lowrank", "rows"), 1, False),
+             "losparse_allocated_norefit": (("lowrank", "rows"), 0, True),
+             "losparse_allocated": (("lowrank", "rows"), 1, True)}  # parts, refit, with the output Fisher
 
 
 def parse_args(argv=None):
@@ -56,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--ft_steps", type=int, default=None, help="Fine-tuning steps (default 8; quick 2; 0: none).")
     p.add_argument("--ft_batch", type=int, default=4, help="Blocks per fine-tuning step.")
     p.add_argument("--ft_kept", type=C.csv(float), default=None, help="Kept fractions fine-tuned (default: all).")
+    p.add_argument("--forms", type=C.csv(str), default=None, help=f"Forms measured (default all: {','.join(FORMS)}).")
+    p.add_argument("--rank_multiple", type=int, default=8, help="Ranks of the allocated forms: multiples of this.")
     p.add_argument("--lr", type=float, default=2e-4, help="Fine-tuning learning rate of the LoSparse forms.")
     p.add_argument("--full_lr", type=float, default=5e-5, help="Learning rate of full fine-tuning.")
     p.add_argument("--cache", type=str, default=None,
@@ -70,6 +89,10 @@ def parse_args(argv=None):
     args.eval_blocks = args.eval_blocks or (4 if q else 24)
     args.ft_steps = (2 if q else 8) if args.ft_steps is None else args.ft_steps
     args.ft_kept = args.kept if args.ft_kept is None else args.ft_kept
+    args.forms = list(FORMS) if args.forms is None else args.forms
+    bad = [f for f in args.forms if f not in FORMS]
+    if bad:
+        raise SystemExit(f"--forms {bad}: allowed values are {', '.join(FORMS)}")
     for k in args.kept + args.splits:
         if not 0 < k <= 1:
             raise SystemExit(f"--kept and --splits values must be in (0, 1], got {k}")
@@ -165,9 +188,12 @@ def fine_tune(model, data, steps, batch, lr, seed):
 
 
 # -- decompositions, computed once per matrix and truncated per budget ----------------------------------------------
-def decompositions(dense, covs):
-    """``{name: {"W", "svd": (U, S, Vh), "cal": (U, S, Vh, K_inv)}}`` (full SVDs, truncated later)."""
+def decompositions(dense, covs, fisher):
+    """``{name: {"W", "svd": (U, S, Vh), "cal": (U, S, Vh, K_inv), "cal_svds", "fisher"}}`` (full SVDs, truncated
+    later; the last two as ``utils.one_shot_allocate`` takes them: one-sided and two-sided whitening)."""
     out, whitened = {}, {}
+    targets = utils._linear_targets(dense, LLAMA_LIKE, BLOCK)
+    two_sided = utils._fisher_svds(targets, covs, fisher)
     for name, lin in utils._linear_targets(dense, LLAMA_LIKE, BLOCK):
         W = lin.weight.detach()
         plain = utils.low_rank_decomposition(W, parameter_ratio=1.0, return_dict=True, log_level="IGNORE")
@@ -176,7 +202,9 @@ def decompositions(dense, covs):
         cal = utils.low_rank_decomposition(W, parameter_ratio=1.0, return_dict=True, log_level="IGNORE",
                                            input_cov=covs[name], _whitened=whitened[id(covs[name])])
         out[name] = {"W": W, "svd": (plain["U"], plain["S"], plain["Vh"], None),
-                     "cal": (cal["U"], cal["S"], cal["Vh"], cal.get("K_inv"))}
+                     "cal": (cal["U"], cal["S"], cal["Vh"], cal.get("K_inv")),
+                     "cal_svds": {"U": cal["U"], "S": cal["S"], "Vh": cal["Vh"], "K_inv": cal.get("K_inv"), "d": None},
+                     "fisher": two_sided[name]}
     return out
 
 
@@ -194,9 +222,16 @@ def _set(model, name, layer):
     setattr(model.get_submodule(parent), attr, layer)
 
 
-def build_form(dense, decs, covs, form, kept, split):
+def build_form(dense, decs, covs, form, kept, split, fisher=None, rank_multiple=8):
     """A deep copy of ``dense`` holding ``form`` at the budget ``kept``; returns (model, stored parameters)."""
     model = copy.deepcopy(dense)
+    if form in ALLOCATED:
+        parts, refit, with_fisher = ALLOCATED[form]
+        svds = {n: d["fisher" if with_fisher else "cal_svds"] for n, d in decs.items()}
+        info = utils.one_shot_allocate(model, covs, fisher if with_fisher else None, kept, LLAMA_LIKE, BLOCK,
+                                       rank_multiple=rank_multiple, refit=refit, parts=parts, _svds=svds)
+        utils.prune(model)
+        return model, info["stored"], info["total_entries"]
     lowrank_share = {"lowrank_svd": 1.0, "lowrank_calibrated": 1.0, "rows_calibrated": 0.0}.get(form, split)
     which = "cal" if form in ("lowrank_calibrated", "losparse_calibrated") else "svd"
     entries = low = 0
@@ -248,21 +283,24 @@ def main(argv=None):
            args.block_size)
 
     if args.cache and Path(args.cache).is_file():
-        covs, decs, calib_s, svd_s = torch.load(args.cache, weights_only=False)
+        covs, fisher, decs, calib_s, fisher_s, svd_s = torch.load(args.cache, weights_only=False)
     else:
         t = time.perf_counter()
-        covs = utils.collect_input_covariance(dense, [calib[i: i + 8] for i in range(0, len(calib), 8)], LLAMA_LIKE,
-                                              BLOCK)
+        calib_batches = [calib[i: i + 8] for i in range(0, len(calib), 8)]
+        covs = utils.collect_input_covariance(dense, calib_batches, LLAMA_LIKE, BLOCK)
         calib_s = time.perf_counter() - t
         t = time.perf_counter()
-        decs = decompositions(dense, covs)
+        fisher = utils.collect_output_fisher(dense, calib_batches, LLAMA_LIKE, BLOCK)
+        fisher_s = time.perf_counter() - t
+        t = time.perf_counter()
+        decs = decompositions(dense, covs, fisher)
         svd_s = time.perf_counter() - t
         if args.cache:
-            torch.save((covs, decs, calib_s, svd_s), args.cache)
+            torch.save((covs, fisher, decs, calib_s, fisher_s, svd_s), args.cache)
     dense_ppl = perplexity(dense, eval_data)
     entries = sum(d["W"].numel() for d in decs.values())
     C.emit("cell", form="dense", kept=1.0, stored=entries, ratio=1.0, perplexity=dense_ppl, calibration_s=calib_s,
-           decomposition_s=svd_s)
+           fisher_s=fisher_s, decomposition_s=svd_s)
     full_ft = None
     if args.ft_steps and args.ft_kept:
         m = copy.deepcopy(dense)
@@ -273,31 +311,32 @@ def main(argv=None):
     table = {}
     for kept in args.kept:
         best = (None, args.splits[0])  # the split: lowest loss of the calibrated form on 4 calibration blocks
-        for s in (args.splits if len(args.splits) > 1 else ()):
+        for s in (args.splits if len(args.splits) > 1 and {"losparse_svd", "losparse_calibrated"} & set(args.forms)
+                  else ()):
             m, _, _ = build_form(dense, decs, covs, "losparse_calibrated", kept, s)
             loss = perplexity(m, calib[:4])
             if best[0] is None or loss < best[0]:
                 best = (loss, s)
         split = {"losparse_svd": best[1], "losparse_calibrated": best[1]}
-        for form in FORMS:
+        for form in args.forms:
             t = time.perf_counter()
-            m, stored, _ = build_form(dense, decs, covs, form, kept, split.get(form, 1.0))
+            m, stored, _ = build_form(dense, decs, covs, form, kept, split.get(form, 1.0), fisher, args.rank_multiple)
             ppl = perplexity(m, eval_data)
             table[(form, kept)] = ppl
             C.emit("cell", form=form, kept=kept, stored=stored, ratio=stored / entries, perplexity=ppl,
                    vs_dense=ppl / dense_ppl, split=split.get(form), seconds=round(time.perf_counter() - t, 1))
-            if form.startswith("losparse") and args.ft_steps and kept in args.ft_kept:
+            if form in FT_FORMS and args.ft_steps and kept in args.ft_kept:
                 tokens = fine_tune(m, ft_data, args.ft_steps, args.ft_batch, args.lr, args.seed)
                 ppl = perplexity(m, eval_data)
                 table[(form + "_ft", kept)] = ppl
                 C.emit("cell", form=form + "_ft", kept=kept, stored=stored, ratio=stored / entries, perplexity=ppl,
                        vs_full_ft=ppl / full_ft, ft_tokens=tokens)
             del m
-    forms = list(FORMS) + [f + "_ft" for f in ("losparse_svd", "losparse_calibrated")]
-    print(f"{'form':<24}" + "".join(f"{f'{100 * k:g}% kept':>14}" for k in args.kept), file=sys.stderr)
-    print(f"{'dense':<24}{dense_ppl:>14.2f}   full fine-tuning: {full_ft}", file=sys.stderr)
+    forms = list(args.forms) + [f + "_ft" for f in FT_FORMS if f in args.forms]
+    print(f"{'form':<30}" + "".join(f"{f'{100 * k:g}% kept':>14}" for k in args.kept), file=sys.stderr)
+    print(f"{'dense':<30}{dense_ppl:>14.2f}   full fine-tuning: {full_ft}", file=sys.stderr)
     for f in forms:
-        print(f"{f:<24}" + "".join(f"{table[(f, k)]:>14.2f}" if (f, k) in table else f"{'':>14}"
+        print(f"{f:<30}" + "".join(f"{table[(f, k)]:>14.2f}" if (f, k) in table else f"{'':>14}"
                                    for k in args.kept), file=sys.stderr)
     print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 

@@ -226,6 +226,220 @@ def test_one_shot_calibrated_beats_plain_on_the_calibration_data():
 
 
 # ----------------------------------------------------------------------------------------------------
+# output Fisher, two-sided whitening, global allocation (utils.one_shot_allocate)
+# ----------------------------------------------------------------------------------------------------
+def test_output_fisher_equals_direct_computation():
+    model, data = tiny_llama(), batches()
+    fisher = utils.collect_output_fisher(model, data, LLAMA, BLOCK)
+    assert len(fisher) == 14 and all(f.dtype == torch.float64 and f.dim() == 1 for f in fisher.values())
+    assert all(p.grad is None for p in model.parameters())  # no .grad touched
+    # direct: per-token gradients of the summed next-token loss, by .backward() on retained outputs
+    sq, rows = {}, {}
+    for b in data:
+        outs = {}
+
+        def keep(mod, args, out, name):
+            out.retain_grad()
+            outs[name] = out
+
+        hooks = [m.register_forward_hook(lambda m, a, o, n=n: keep(m, a, o, n)) for n, m in model.named_modules()
+                 if n in fisher]
+        logits = model(b).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 120), b[:, 1:].reshape(-1),
+                                                 reduction="sum")
+        loss.backward()
+        for h in hooks:
+            h.remove()
+        for n, o in outs.items():
+            g = o.grad.reshape(-1, o.shape[-1]).double()
+            sq[n] = sq.get(n, 0) + (g ** 2).sum(0)
+            rows[n] = rows.get(n, 0) + g.shape[0]
+        model.zero_grad(set_to_none=True)
+    for n, f in fisher.items():
+        assert rows[n] == 3 * 2 * 12 and f.shape == (model.get_submodule(n).out_features,)
+        torch.testing.assert_close(f, sq[n] / rows[n], rtol=1e-5, atol=1e-12)
+        assert float(f.min()) >= 0 and float(f.sum()) > 0
+    # labels = -100 are ignored: a batch whose labels are all ignored adds rows but no gradient
+    ignored = utils.collect_output_fisher(model, [{"input_ids": data[0], "labels": torch.full_like(data[0], -100)}],
+                                          LLAMA, BLOCK, names=["model.layers.0.mlp.down_proj"])
+    assert list(ignored) == ["model.layers.0.mlp.down_proj"] and float(ignored["model.layers.0.mlp.down_proj"].abs().sum()) == 0
+
+
+def two_sided_error(W, L, R, C, F):
+    E = (W.double() - L.double() @ R.double()).detach()
+    return float(torch.trace(F.double()[:, None] * E @ C.double() @ E.T))
+
+
+@pytest.mark.parametrize("shape", [(24, 16), (16, 40)])
+def test_two_sided_whitening_error_never_above_one_sided_or_plain(shape):
+    torch.manual_seed(4)
+    W = torch.randn(*shape)
+    C = correlated_cov(shape[1])
+    F = torch.rand(shape[0], dtype=torch.float64) ** 3 * 10 + 1e-3
+    better = 0
+    for ratio in (0.1, 0.25, 0.5, 0.8):
+        out = utils.low_rank_decomposition(W, parameter_ratio=ratio, input_cov=C, output_fisher=F, return_dict=True)
+        L2, R2 = out["L"], out["R"]
+        L1, R1 = utils.low_rank_decomposition(W, parameter_ratio=ratio, input_cov=C)
+        Lp, Rp = utils.low_rank_decomposition(W, parameter_ratio=ratio)
+        e2, e1, ep = (two_sided_error(W, L, R, C, F) for L, R in ((L2, R2), (L1, R1), (Lp, Rp)))
+        assert e2 <= e1 * (1 + 1e-5) and e2 <= ep * (1 + 1e-5)
+        better += e2 < 0.95 * e1
+        # the optimum: the dropped squared singular values of D^1/2 W C^1/2
+        evals, Q = torch.linalg.eigh(C)
+        s = torch.linalg.svdvals(F.sqrt()[:, None] * W.double() @ (Q * evals.clamp_min(0).sqrt()) @ Q.T)
+        assert e2 == pytest.approx(float((s[L2.shape[1]:] ** 2).sum()), rel=1e-3, abs=1e-6 * float((s ** 2).sum()))
+        torch.testing.assert_close(out["d"], (F + 1e-6 * F.mean()).sqrt())
+    assert better >= 2
+    # D = I (any constant): the same L R as the one-sided whitened SVD
+    for F1 in (torch.ones(shape[0]), torch.full((shape[0],), 7.0)):
+        L2, R2 = utils.low_rank_decomposition(W, parameter_ratio=0.3, input_cov=C, output_fisher=F1)
+        L1, R1 = utils.low_rank_decomposition(W, parameter_ratio=0.3, input_cov=C)
+        torch.testing.assert_close(L2 @ R2, L1 @ R1, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=f"output_fisher must have {shape[0]} entries"):
+        utils.low_rank_decomposition(W, output_fisher=torch.ones(3))
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        utils.low_rank_decomposition(W, output_fisher=-torch.ones(shape[0]))
+
+
+def random_tables(seed=0, shapes=((4, 3), (3, 5), (5, 4))):
+    g = torch.Generator().manual_seed(seed)
+    tables, svds = [], []
+    for H, W in shapes:
+        A = torch.randn(H, W, generator=g) * torch.rand(1, W, generator=g) * 3
+        U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+        ranks = torch.arange(S.numel() + 1)
+        E, res = utils._allocation_table(U, S, ranks)
+        tables.append((E, ranks, H + W, W + 1))
+        svds.append((A, U, S, Vh, res))
+    return tables, svds
+
+
+def test_allocation_table_is_the_error_of_rank_plus_rows():
+    tables, svds = random_tables()
+    for (E, ranks, _, _), (A, U, S, Vh, res) in zip(tables, svds):
+        H = A.shape[0]
+        for j, r in enumerate(ranks.tolist()):
+            resid = (A - (U[:, :r] * S[:r]) @ Vh[:r]).double()
+            e = (resid ** 2).sum(1)
+            torch.testing.assert_close(res[j], e, rtol=1e-5, atol=1e-5)
+            for k in range(H + 1):  # keeping the k rows of largest residual: the rest is the error
+                assert float(E[j, k]) == pytest.approx(float(e.sort(descending=True).values[k:].sum()), abs=1e-4)
+
+
+def test_allocation_matches_brute_force_and_meets_the_budget():
+    import itertools
+
+    tables, _ = random_tables(seed=1)
+    options = []
+    for E, ranks, rc, wc in tables:
+        options.append([(int(ranks[j]) * rc + k * wc, float(E[j, k]), (j, k)) for j in range(E.shape[0])
+                        for k in range(E.shape[1])])
+    combos = [(sum(o[0] for o in c), sum(o[1] for o in c), [o[2] for o in c]) for c in itertools.product(*options)]
+    full = sum(max(o[0] for o in opts) for opts in options)
+    min_step = min(min(rc, wc) for _, _, rc, wc in tables)
+    exact = 0
+    for budget in range(0, full + 1, 3):
+        best = min(e for c, e, _ in combos if c <= budget)
+        choice, cost, lam = utils._allocate(tables, budget, fill=False)
+        err = sum(float(t[0][j, k]) for t, (j, k) in zip(tables, choice))
+        assert cost <= budget
+        # the Lagrangian choice is optimal for its own cost (brute force over every combination)
+        assert err == pytest.approx(min(e for c, e, _ in combos if c <= cost), abs=1e-9)
+        filled, fcost, _ = utils._allocate(tables, budget)
+        ferr = sum(float(t[0][j, k]) for t, (j, k) in zip(tables, filled))
+        assert fcost == sum(int(t[1][j]) * t[2] + k * t[3] for t, (j, k) in zip(tables, filled))
+        assert fcost <= budget and ferr <= err + 1e-12 and ferr >= best - 1e-9
+        # nothing more fits: every one-step increase of any matrix is over the budget
+        for t, (j, k) in zip(tables, filled):
+            for dj, dk in ((1, 0), (0, 1)):
+                if j + dj < t[0].shape[0] and k + dk < t[0].shape[1]:
+                    assert fcost + dj * (int(t[1][j + 1]) - int(t[1][j])) * t[2] + dk * t[3] > budget
+        exact += ferr == pytest.approx(best, abs=1e-9)
+        assert budget - fcost < max(rc for _, _, rc, _ in tables) or budget >= full or fcost == full
+    assert exact >= 0.8 * len(range(0, full + 1, 3))  # most budgets: the brute-force optimum itself
+    assert min_step > 0 and utils._allocate(tables, 10 ** 9)[1] == full
+
+
+@pytest.mark.parametrize("parts", [("lowrank", "rows"), ("lowrank",), ("rows",)])
+def test_one_shot_allocate_budget_and_weighted_error(parts):
+    model, data = tiny_llama(seed=5), batches(n=4)
+    covs = utils.collect_input_covariance(model, data, LLAMA, BLOCK)
+    fisher = utils.collect_output_fisher(model, data, LLAMA, BLOCK)
+    dense = {n: m.weight.detach().clone() for n, m in utils._linear_targets(model, LLAMA, BLOCK)}
+    x = torch.cat(data)
+    with torch.no_grad():
+        ref = model(x).logits
+    info = utils.one_shot_allocate(model, covs, fisher, 0.5, LLAMA, BLOCK, rank_multiple=2, parts=parts)
+    layers = {n: model.get_submodule(n) for n in dense}
+    assert all(isinstance(m, utils.LinearLoSparse) and not m.is_compacted for m in layers.values())
+    total = sum(w.numel() for w in dense.values())
+    stored = sum(m.reduced_rank * (m.in_feature + m.out_feature) + m.kept_rows * (m.in_feature + 1)
+                 for m in layers.values())
+    assert info["total_entries"] == total and info["budget"] == math.floor(0.5 * total)
+    assert info["stored"] == stored <= info["budget"]
+    unit = min((m.in_feature + 1) if "rows" in parts else 2 * (m.in_feature + m.out_feature) for m in layers.values())
+    assert info["budget"] - stored < unit  # within one unit (a row, or one rank step) of the budget
+    assert [(x["rank"], x["kept_rows"]) for x in info["layers"]] == [(m.reduced_rank, m.kept_rows) for m in layers.values()]
+    assert all(m.reduced_rank % 2 == 0 for m in layers.values())
+    for m in layers.values():  # each component balanced: ||L_:j|| = ||R_j:||
+        torch.testing.assert_close(m.left.weight.norm(dim=0), m.right.weight.norm(dim=1), rtol=1e-4, atol=1e-6)
+    if parts == ("rows",):
+        assert all(m.reduced_rank == 0 for m in layers.values())
+    if parts == ("lowrank",):
+        assert not any(m.has_sparse for m in layers.values())
+    # the reported weighted error is sum_i F_i (W - W')_i C (W - W')_i^T with the damped F and C
+    direct = 0.0
+    for n, m in layers.items():
+        K = utils._whitening(covs[n])[0]
+        d = (fisher[n] + 1e-6 * fisher[n].mean()).sqrt()
+        E = dense[n].double() - m.merged_weight().detach().double()
+        direct += float(((d[:, None] * E @ K) ** 2).sum())
+        if m.has_sparse:  # kept rows reproduce W exactly
+            kept = m.sparse.weight.abs().sum(1) > 0
+            torch.testing.assert_close(m.merged_weight()[kept], dense[n][kept], rtol=1e-4, atol=1e-5)
+    assert info["weighted_error"] == pytest.approx(direct, rel=1e-3)
+    assert info["weighted_error"] <= info["weighted_error_before_refit"] * (1 + 1e-6)
+    with torch.no_grad():
+        assert torch.isfinite(model(x).logits).all()
+    utils.prune(model)
+    with torch.no_grad():
+        out = model(x).logits
+    assert float((out - ref).pow(2).mean()) < float(ref.pow(2).mean())
+
+
+def test_one_shot_allocate_uses_the_fisher_and_checks_its_input():
+    model, data = tiny_llama(seed=6), batches(n=4)
+    covs = utils.collect_input_covariance(model, data, LLAMA, BLOCK)
+    fisher = utils.collect_output_fisher(model, data, LLAMA, BLOCK)
+    x = torch.cat(data)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(x).logits, -1)
+    kl = {}
+    for kind in ("fisher", "none"):
+        m = tiny_llama(seed=6)
+        info = utils.one_shot_allocate(m, covs, fisher if kind == "fisher" else None, 0.4, LLAMA, BLOCK,
+                                       rank_multiple=1)
+        assert info["stored"] <= info["budget"]
+        with torch.no_grad():
+            kl[kind] = float(torch.nn.functional.kl_div(torch.log_softmax(m(x).logits, -1), ref, log_target=True,
+                                                        reduction="batchmean"))
+    assert kl["fisher"] < kl["none"]  # weighting by the loss, not by the output energy, is closer to the model
+    none = utils.one_shot_allocate(tiny_llama(seed=6), covs, fisher, 0.0, LLAMA, BLOCK)
+    assert none["stored"] == 0 and all(x["rank"] == x["kept_rows"] == 0 for x in none["layers"])
+    full = utils.one_shot_allocate(tiny_llama(seed=6), covs, fisher, 1.0, LLAMA, BLOCK)
+    assert 0 <= full["weighted_error"] < 1e-4 * none["weighted_error"]
+    missing = dict(fisher)
+    del missing["model.layers.1.mlp.up_proj"]
+    with pytest.raises(ValueError, match="output_fisher has no statistics for 1 of the 14 layers"):
+        utils.one_shot_allocate(tiny_llama(), covs, missing, 0.5, LLAMA, BLOCK)
+    with pytest.raises(ValueError, match="kept_fraction must be in"):
+        utils.one_shot_allocate(tiny_llama(), covs, fisher, 1.2, LLAMA, BLOCK)
+    with pytest.raises(ValueError, match="parts must be"):
+        utils.one_shot_allocate(tiny_llama(), covs, fisher, 0.5, LLAMA, BLOCK, parts=("columns",))
+
+
+# ----------------------------------------------------------------------------------------------------
 # run_clm.py --init calibrated --one_shot
 # ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -254,17 +468,24 @@ def test_run_clm_one_shot_calibrated_compresses_without_training(clm_assets, tmp
         extra_env={"OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "LoSparse calibration: 1 batches, 64 tokens, 14 layers (8 distinct inputs)" in proc.stderr
+    assert "LoSparse calibration (output Fisher): 60 predicted tokens, 14 layers" in proc.stderr
+    assert "One-shot allocation:" in proc.stderr
     res = json.loads((out / "all_results.json").read_text())
     assert res["train_steps"] == 0 and res["one_shot_perplexity"] == res["perplexity"]
     sd = torch.load(out / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    entries = rows = low = 0
+    entries = rows = low = n_rows = 0
+    ranks = set()
     for k in [k for k in sd if k.endswith("sparse.weight")]:
         p = k[: -len("sparse.weight")]
         H, W = sd[k].shape
         entries += H * W
-        rows += int((sd[k] != 0).any(1).sum()) * W
+        kept = int((sd[k] != 0).any(1).sum())
+        rows, n_rows = rows + kept * W, n_rows + kept
+        ranks.add(sd[p + "left.weight"].shape[1])
         low += sd[p + "left.weight"].shape[1] * (H + W)
-    assert 0.3 * entries - 64 < rows <= 0.3 * entries  # the final threshold of S, within one row
+    # one budget of (0.2 + 0.3) of the matrices: L, R and the kept rows with their indices, within one row (33)
+    assert 0.5 * entries - 33 < low + rows + n_rows <= 0.5 * entries
+    assert len(ranks) > 1 and all(r % 8 == 0 for r in ranks)  # ranks chosen per layer
     assert res["effective_ratio"] == pytest.approx((low + rows) / entries)
     # the saved model is the one-shot model: its perplexity is the reported one
     compact = utils.load_compact(out / "compact", AutoModelForCausalLM)
@@ -304,15 +525,48 @@ def test_bench_llm_quality_quick():
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["what"] for r in rows[:2]] == ["env", "data"] and rows[1]["eval_tokens"] == 4 * 16
     cells = {r["form"]: r for r in rows if r["what"] == "cell"}
+    allocated = ("lowrank_allocated", "rows_allocated", "losparse_allocated_nofisher", "losparse_allocated_norefit",
+                 "losparse_allocated")
     assert set(cells) == {"dense", "full_ft", "lowrank_svd", "lowrank_calibrated", "rows_calibrated", "losparse_svd",
-                          "losparse_calibrated", "losparse_svd_ft", "losparse_calibrated_ft"}
+                          "losparse_calibrated", "losparse_svd_ft", "losparse_calibrated_ft", "losparse_allocated_ft",
+                          *allocated}
     entries = cells["dense"]["stored"]
     assert entries == 2 * (2 * 32 * 32 + 2 * 16 * 32 + 3 * 64 * 32)
-    for f in ("lowrank_svd", "lowrank_calibrated", "rows_calibrated", "losparse_svd", "losparse_calibrated"):
+    for f in ("lowrank_svd", "lowrank_calibrated", "rows_calibrated", "losparse_svd", "losparse_calibrated",
+              *allocated):
         c = cells[f]
         assert c["kept"] == 0.8 and c["stored"] <= 0.8 * entries and c["ratio"] == c["stored"] / entries
         assert c["ratio"] > 0.7 and math.isfinite(c["perplexity"]) and c["perplexity"] > 1
     assert cells["lowrank_svd"]["stored"] == cells["lowrank_calibrated"]["stored"]
     assert cells["losparse_calibrated"]["split"] in (0.5, 0.8)
     assert cells["losparse_calibrated_ft"]["ft_tokens"] == cells["full_ft"]["ft_tokens"] == 4 * 16
+    assert cells["losparse_allocated_ft"]["ft_tokens"] == 4 * 16
+    for f in allocated:  # one global budget: within one row (in + 1 <= 65) or rank step (8 (in + out) <= 768) of it
+        assert 0.8 * entries - (768 if f == "lowrank_allocated" else 65) < cells[f]["stored"] <= 0.8 * entries
     assert "losparse_calibrated" in proc.stderr  # the table
+
+
+def test_run_clm_one_shot_allocation_then_platon_keeps_the_budget(clm_assets, tmp_path):
+    root, out = clm_assets, tmp_path / "oneshot_ft"
+    proc = run_script("run_clm.py", [
+        "--model_name_or_path", root / "llama", "--train_file", root / "train.txt", "--validation_file",
+        root / "validation.txt", "--calibration_samples", 4, "--block_size", 16, "--max_train_steps", 4,
+        "--per_device_train_batch_size", 4, "--init", "calibrated", "--one_shot", "--low_rank_parameter_ratio", 0.3,
+        "--final_threshold", 0.2, "--initial_threshold", 0.2, "--warmup_steps", 1, "--initial_warmup", 1,
+        "--final_warmup", 1, "--deltaT", 1, "--output_dir", out],
+        extra_env={"OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import re
+
+    frac = float(re.search(r"kept rows of S: ([0-9.]+) of S", proc.stderr).group(1))
+    res = json.loads((out / "all_results.json").read_text())
+    assert res["train_steps"] == 4 and math.isfinite(res["one_shot_perplexity"])
+    sd = torch.load(out / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    entries = rows = 0
+    for k in [k for k in sd if k.endswith("sparse.weight")]:
+        H, W = sd[k].shape
+        entries += H * W
+        rows += int((sd[k] != 0).any(1).sum()) * W
+    # PLATON went on at the fraction of S the allocation kept (within one row), not at --final_threshold
+    assert frac != 0.2 and abs(rows - frac * entries) <= 33
+    assert res["effective_ratio"] <= 0.5 + 1e-6
