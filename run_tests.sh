@@ -7,6 +7,9 @@ bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Two pytest workers (pytest-xdist), one OpenMP thread each: most tests are Python-bound (script start-up, tiny
 # models), and two processes with two threads each on two cores stall each other. LOSPARSE_TEST_WORKERS=0 runs
-# the suite in this one process.
+# the suite in this one process. --dist loadscope sends each test file whole to one worker (its module-scoped runs
+# are trained once), and --no-loadscope-reorder keeps the order tests/conftest.py gives: longest files first, so the
+# two workers finish together.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec .venv/bin/python -m pytest tests -q -p no:cacheprovider -n "${LOSPARSE_TEST_WORKERS:-2}" --durations=20 "$@"
+exec .venv/bin/python -m pytest tests -q -p no:cacheprovider -n "${LOSPARSE_TEST_WORKERS:-2}" --dist loadscope \
+  --no-loadscope-reorder --durations=20 "$@"

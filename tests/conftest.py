@@ -138,3 +138,24 @@ def run_script(script, args, cwd=None, timeout=900, extra_env=None):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: runs a real pretrained model (about a minute on CPU); CI runs it too. "
                                        "Skip with -m 'not slow'.")
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scheduling over pytest-xdist workers (run_tests.sh: --dist loadscope --no-loadscope-reorder)
+# ----------------------------------------------------------------------------------------------------
+# Each test file goes whole to one worker (its module-scoped runs are trained once, not once per worker that gets one
+# of its tests), and the files start longest first so that the two workers finish together. Seconds per file, from
+# `bash run_tests.sh --durations=0` (2 workers on 2 busy vCPUs); only the order depends on them, a file not listed
+# comes after these in collection order.
+_EXPECTED_SECONDS = {
+    "test_run_glue.py": 270, "test_quickstart_clm.py": 215, "test_run_qa.py": 155, "test_run_summarization.py": 145,
+    "test_multi_process.py": 130, "test_quickstart.py": 115, "test_fsdp2.py": 110, "test_run_clm.py": 80,
+    "test_fast_forward.py": 35, "test_remote_code.py": 23, "test_calibration.py": 22, "test_robustness.py": 21,
+    "test_run_gpu.py": 20, "test_train_forward.py": 15, "test_utils.py": 14, "test_compile.py": 12,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest test files first; the tests of a file keep their order and stay together (a stable sort)."""
+    items.sort(key=lambda item: -_EXPECTED_SECONDS.get(item.path.name, 0))

@@ -10,6 +10,7 @@ import math
 import os
 import random
 import shlex
+import shutil
 import subprocess
 
 import pytest
@@ -220,18 +221,16 @@ def test_resume_from_step_checkpoint_is_exact_with_accumulation(assets, tmp_path
                         "--gradient_accumulation_steps", 2, "--checkpointing_steps", 3]
     run(base_args(assets, first) + extra)
     assert sorted(p.name for p in first.glob("step_*")) == ["step_3", "step_6"]
-    run(base_args(assets, resumed) + extra + ["--resume_from_checkpoint", first / "step_3"])
+    # `latest`: the newest complete step_<n> / epoch_<i> in --output_dir, here the mid-epoch step_3 copied into it
+    shutil.copytree(first / "step_3", resumed / "step_3")
+    proc = run(base_args(assets, resumed) + extra + ["--resume_from_checkpoint", "latest"])
+    assert f"Resumed from checkpoint: {resumed / 'step_3'}" in proc.stdout + proc.stderr
     assert_same_weights(resumed / "pytorch_model.bin", first / "pytorch_model.bin")
     # the pruner statistics were restored too (they decide which rows are kept)
     pruner_state = torch.load(str(first / "step_3" / "custom_checkpoint_0.pkl"), weights_only=False)
     assert pruner_state["exp_avg_ipt"]
     assert results(resumed)["train_steps"] == 8
     assert results(resumed)["threshold"] == results(first)["threshold"] == pytest.approx(0.2)
-    # `latest`: the newest step_<n> / epoch_<i> in --output_dir (here step_6)
-    (first / "pytorch_model.bin").rename(tmp_path / "first.bin")
-    proc = run(base_args(assets, first) + extra + ["--resume_from_checkpoint", "latest"])
-    assert f"Resumed from checkpoint: {first / 'step_6'}" in proc.stdout + proc.stderr
-    assert_same_weights(first / "pytorch_model.bin", tmp_path / "first.bin")
 
 
 def test_bf16_autocast_train_and_generate(assets, tmp_path):
