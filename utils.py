@@ -1139,14 +1139,7 @@ def collect_input_covariance(model, batches, allow_name=None, block_name=None, n
     :return: ``{qualified layer name: C}`` (float64, on the layers' device); logs tokens, memory and time.
     """
 
-    targets = _linear_targets(model, allow_name, block_name)
-    if names is not None:
-        unknown = sorted(set(names) - {n for n, _ in targets})
-        if unknown:
-            raise ValueError(f"names: {unknown[:3]} are not layers to replace (allow_name={allow_name})")
-        targets = [(n, m) for n, m in targets if n in set(names)]
-    if not targets:
-        raise ValueError(f"collect_input_covariance: no nn.Linear matches allow_name={allow_name}")
+    targets = _calibration_targets(model, allow_name, block_name, names, "collect_input_covariance")
     sums, counts, owner, last = {}, {}, {}, {"x": None, "name": None}
 
     def hook(name):
