@@ -183,6 +183,11 @@ def parse_args(argv=None):
     g.add_argument("--calibration_file", type=str, default=None,
                    help="A txt, csv, json or jsonl file with the calibration text (default: the training file/split; "
                         "the same --text_column).")
+    g.add_argument("--calibration_blocks_per_pass", type=int, default=0,
+                   help="Streaming calibration for large models (--init calibrated): measure and decompose this many "
+                        "decoder blocks per pass over the calibration blocks instead of every layer at once "
+                        "(utils.InputCovariances; same result, peak memory of one group's statistics). 0 (default): "
+                        "one pass.")
     g.add_argument("--one_shot", action="store_true",
                    help="Compress with no training and report that perplexity before any training. With --init "
                         "calibrated: one budget of (--low_rank_parameter_ratio + --final_threshold) of the replaced "
@@ -310,6 +315,11 @@ def _check_args(parser, args):
             parser.error("--one_shot with --resume_from_checkpoint: the resumed state already holds the pruned rows")
     elif args.calibration_file is not None:
         parser.error("--calibration_file is used by --init calibrated or --one_shot only")
+    if args.calibration_blocks_per_pass < 0:
+        parser.error(f"--calibration_blocks_per_pass must be >= 0, got {args.calibration_blocks_per_pass}")
+    if args.calibration_blocks_per_pass and args.init != "calibrated":
+        parser.error("--calibration_blocks_per_pass streams the statistics of --init calibrated; with --init svd "
+                     "--one_shot every layer's statistics are needed at once (pass --init calibrated)")
 
 
 def losparse_lists(config, allow_name=None, block_name=None):
@@ -625,7 +635,11 @@ def main(argv=None):
             step = args.per_device_eval_batch_size
             calib_batches = [ids[i: i + step] for i in range(0, len(ids), step)]
             try:
-                input_cov = utils.collect_input_covariance(model, calib_batches, allow_name, block_name)
+                if args.calibration_blocks_per_pass:  # streaming: one group of blocks measured at a time
+                    input_cov = utils.InputCovariances(model, calib_batches, allow_name, block_name,
+                                                       args.calibration_blocks_per_pass)
+                else:
+                    input_cov = utils.collect_input_covariance(model, calib_batches, allow_name, block_name)
                 if allocates:
                     output_fisher = utils.collect_output_fisher(model, calib_batches, allow_name, block_name)
             except (ValueError, RuntimeError) as e:
@@ -638,7 +652,7 @@ def main(argv=None):
         budget = min(1.0, args.low_rank_parameter_ratio + args.final_threshold)
         try:
             info = utils.one_shot_allocate(model, input_cov, output_fisher, budget, allow_name, block_name)
-        except ValueError as e:
+        except (ValueError, RuntimeError) as e:
             raise SystemExit(f"run_clm.py: error: --one_shot: {e}")
         del input_cov, output_fisher
         kept_s = sum(x["kept_rows"] * x["in_features"] for x in info["layers"])
@@ -657,7 +671,7 @@ def main(argv=None):
                                                       do_svd=args.eval_checkpoint is None,
                                                       svd=args.svd,
                                                       input_cov=input_cov if args.init == "calibrated" else None)
-        except TypeError as e:
+        except (TypeError, ValueError, RuntimeError) as e:
             raise SystemExit(f"run_clm.py: error: {e}")
         if not replaced:
             raise SystemExit(f"run_clm.py: error: STEP 1 replaced no nn.Linear with allow_name {allow_name}; pass "

@@ -1030,21 +1030,31 @@ def substitute_layer_weights(module, allow_name=None, block_name=None, parameter
     ``input_cov`` (optional keyword): ``{qualified layer name: C}`` from :func:`collect_input_covariance`; each
     layer is then fitted by the activation-aware SVD (see :func:`low_rank_decomposition`), layers sharing one
     ``C`` tensor share its eigendecomposition. Every replaced layer must have an entry (checked before any SVD).
+    Or an :class:`InputCovariances` (streaming): one group of blocks measured and replaced at a time.
 
     :return: list of ``{"name", "in_features", "out_features", "rank"}``, one per replaced layer.
     """
     allow_name = DEFAULT_ALLOW_NAME if allow_name is None else list(allow_name)
     block_name = DEFAULT_BLOCK_NAME if block_name is None else list(block_name)
     input_cov = kwargs.pop("input_cov", None)
-    if input_cov is not None and do_svd:
-        targets = [n for n, _ in _linear_targets(module, allow_name, block_name)]
-        missing = [n for n in targets if n not in input_cov]
-        if missing:
-            raise ValueError(f"input_cov has no statistics for {len(missing)} of the {len(targets)} layers to "
-                             f"replace, e.g. {missing[:3]}; collect them with collect_input_covariance on the same "
-                             "allow_name/block_name")
-        kwargs["_input_cov"], kwargs["_whitened"] = input_cov, {}
     replaced, memo = [], {}
+    if input_cov is not None and do_svd:
+        targets = _linear_targets(module, allow_name, block_name)
+        groups = _input_groups(input_cov, [n for n, _ in targets], "substitute_layer_weights")
+        if len(groups) > 1:  # streaming: each group measured, then replaced, last group first
+            linears = dict(targets)
+            for names, source in reversed(groups):
+                kw = dict(kwargs, _input_cov=source(names), _whitened={})
+                for n in names:
+                    memo[id(linears[n])] = _losparse_from_linear(linears[n], parameter_ratio, has_sparse, True, kw, n)
+                    _set_submodule(module, n, memo[id(linears[n])])
+                del kw
+            replaced = [{"name": n, "in_features": lin.in_features, "out_features": lin.out_features,
+                         "rank": memo[id(lin)].reduced_rank} for n, lin in targets]
+        else:
+            names, source = groups[0]
+            kwargs["_input_cov"], kwargs["_whitened"] = source(names) if callable(source) else source, {}
+    # the walk builds every Linear not built yet (none when streaming) and puts it under all its names
     _substitute(module, allow_name, block_name, parameter_ratio, has_sparse, do_svd, kwargs, "", replaced, memo)
     if replaced:
         ranks = [r["rank"] for r in replaced]
@@ -1126,7 +1136,8 @@ def _linear_targets(module, allow_name=None, block_name=None, prefix=""):
 
 
 @torch.no_grad()
-def collect_input_covariance(model, batches, allow_name=None, block_name=None, names=None, chunk=4096):
+def collect_input_covariance(model, batches, allow_name=None, block_name=None, names=None, chunk=4096,
+                             stop_early=False):
     """Calibration: ``C = E[x x^T]`` of the inputs of the layers STEP 1 would replace, over ``batches``.
 
     ``batches``: an iterable of dicts (``model(**batch)``) or tensors (``model(batch)``), e.g. a few blocks
@@ -1134,34 +1145,41 @@ def collect_input_covariance(model, batches, allow_name=None, block_name=None, n
     ``x^T x`` (at most ``chunk`` rows) are taken in float32 and summed in float64. Layers called in a row
     on the same input tensor (q/k/v, gate/up) share one accumulation and get the same ``C`` object.
     ``names`` restricts the statistics to those layers (to bound memory on large models: one pass per group
-    of decoder blocks, each ``C`` used by :func:`substitute_layer_weights` and dropped).
+    of decoder blocks, each ``C`` used by :func:`substitute_layer_weights` and dropped; :class:`InputCovariances`
+    does that). ``stop_early``: end each forward pass once every layer in ``names`` has seen its input (the rest
+    of the model is not run; for a group of early blocks that saves most of the pass).
 
     :return: ``{qualified layer name: C}`` (float64, on the layers' device); logs tokens, memory and time.
     """
 
     targets = _calibration_targets(model, allow_name, block_name, names, "collect_input_covariance")
-    sums, counts, owner, last = {}, {}, {}, {"x": None, "name": None}
+    sums, counts, owner, last, seen = {}, {}, {}, {"x": None, "name": None}, set()
 
     def hook(name):
         def pre(mod, args):
-            x = args[0]
-            if x is last["x"]:  # the same tensor as the previous layer: share its accumulation
-                if owner.setdefault(name, owner[last["name"]]) != owner[last["name"]]:
-                    raise RuntimeError(f"collect_input_covariance: {name} changed its input sharing between batches")
-                return
-            if owner.setdefault(name, name) != name:
-                raise RuntimeError(f"collect_input_covariance: {name} changed its input sharing between batches")
-            last["x"], last["name"] = x, name
-            x2 = x.detach().reshape(-1, x.shape[-1])
-            acc = sums.get(name)
-            if acc is None:
-                acc = sums[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64, device=x2.device)
-                counts[name] = 0
-            for i in range(0, x2.shape[0], chunk):
-                c = x2[i:i + chunk].float()
-                acc += (c.mT @ c).double()
-            counts[name] += x2.shape[0]
+            accumulate(name, args[0])
+            seen.add(name)
+            if stop_early and len(seen) == len(targets):
+                raise _CalibrationDone
         return pre
+
+    def accumulate(name, x):
+        if x is last["x"]:  # the same tensor as the previous layer: share its accumulation
+            if owner.setdefault(name, owner[last["name"]]) != owner[last["name"]]:
+                raise RuntimeError(f"collect_input_covariance: {name} changed its input sharing between batches")
+            return
+        if owner.setdefault(name, name) != name:
+            raise RuntimeError(f"collect_input_covariance: {name} changed its input sharing between batches")
+        last["x"], last["name"] = x, name
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        acc = sums.get(name)
+        if acc is None:
+            acc = sums[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64, device=x2.device)
+            counts[name] = 0
+        for i in range(0, x2.shape[0], chunk):
+            c = x2[i:i + chunk].float()
+            acc += (c.mT @ c).double()
+        counts[name] += x2.shape[0]
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets]
     was_training = model.training
@@ -1170,10 +1188,14 @@ def collect_input_covariance(model, batches, allow_name=None, block_name=None, n
     try:
         for batch in batches:
             last["x"] = last["name"] = None
-            if isinstance(batch, dict):
-                model(**{k: v for k, v in batch.items() if k != "labels"})
-            else:
-                model(batch)
+            seen.clear()
+            try:
+                if isinstance(batch, dict):
+                    model(**{k: v for k, v in batch.items() if k != "labels"})
+                else:
+                    model(batch)
+            except _CalibrationDone:
+                pass
             batches_seen += 1
     finally:
         for h in handles:
@@ -1191,6 +1213,73 @@ def collect_input_covariance(model, batches, allow_name=None, block_name=None, n
                 "%.1f s", batches_seen, max(counts.values()), len(covs), len(sums), nbytes / 2 ** 20,
                 time.perf_counter() - start)
     return covs
+
+
+class _CalibrationDone(Exception):
+    """Raised by :func:`collect_input_covariance` (``stop_early``) to end a forward pass."""
+
+
+def _block_key(name):
+    """``model.layers.3.mlp.up_proj`` -> ``model.layers.3``: the name up to its first numeric part (the block)."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[:i + 1])
+    return name
+
+
+class InputCovariances:
+    """Streaming calibration: the statistics of :func:`collect_input_covariance` a group of blocks at a time.
+
+    Holding ``C`` for every layer at once takes ``sum in^2`` float64 entries per distinct input: about 1.4 GB
+    per LLaMA-7B decoder block, 43 GB for the model. ``InputCovariances(model, batches, allow_name, block_name,
+    blocks_per_pass=1)`` holds none: ``stats.groups`` lists the layer names of each pass (``blocks_per_pass``
+    consecutive blocks, a block being the name up to its first numeric part, ``model.layers.3``), and
+    ``stats(names)`` runs the batches through the model once (stopped after the last of those layers) and returns
+    ``{name: C}`` for them. :func:`substitute_layer_weights` (``input_cov=stats``) and :func:`one_shot_allocate`
+    take it in place of the dict: they ask for one group at a time, the last group first, so that the layers they
+    have replaced are downstream of the ones being measured and every ``C`` is that of the original model (the
+    result equals the one of the dict). Peak memory: one group's statistics and SVDs. ``batches`` must be a
+    re-iterable sequence (a list), run once per group and twice per group by :func:`one_shot_allocate`.
+    """
+
+    def __init__(self, model, batches, allow_name=None, block_name=None, blocks_per_pass=1):
+        if not isinstance(blocks_per_pass, int) or blocks_per_pass < 1:
+            raise ValueError(f"blocks_per_pass must be an integer >= 1, got {blocks_per_pass!r}")
+        if iter(batches) is batches:
+            raise TypeError("InputCovariances: batches must be a re-iterable sequence (e.g. a list), not an iterator: "
+                            "it is run once per group of layers")
+        targets = _calibration_targets(model, allow_name, block_name, None, "InputCovariances")
+        self.model, self.batches, self.allow_name, self.block_name = model, batches, allow_name, block_name
+        blocks = []
+        for n, _ in targets:
+            if not blocks or _block_key(n) != blocks[-1][0]:
+                blocks.append((_block_key(n), []))
+            blocks[-1][1].append(n)
+        self.groups = [sum((names for _, names in blocks[i:i + blocks_per_pass]), [])
+                       for i in range(0, len(blocks), blocks_per_pass)]
+        self.names = [n for n, _ in targets]
+
+    def __call__(self, names):
+        logger.info("LoSparse streaming calibration: %d layers, from %s", len(names), names[0])
+        return collect_input_covariance(self.model, self.batches, self.allow_name, self.block_name, names=names,
+                                        stop_early=True)
+
+
+def _input_groups(input_cov, names, what):
+    """``[(names of a group, {name: C} or a callable giving it)]`` for a dict or an :class:`InputCovariances`."""
+    if isinstance(input_cov, InputCovariances):
+        if set(input_cov.names) != set(names):
+            raise ValueError(f"{what}: the InputCovariances were set up for other layers ({len(input_cov.names)} "
+                             f"layers, e.g. {input_cov.names[:2]}) than the {len(names)} to replace (e.g. "
+                             f"{names[:2]}): build them with the same model, allow_name and block_name")
+        return [(g, input_cov) for g in input_cov.groups]
+    missing = [n for n in names if n not in input_cov]
+    if missing:
+        raise ValueError(f"{what}: input_cov has no statistics for {len(missing)} of the {len(names)} layers to "
+                         f"replace, e.g. {missing[:3]}; collect them with collect_input_covariance on the same "
+                         "allow_name/block_name")
+    return [(list(names), input_cov)]
 
 
 @torch.no_grad()
@@ -1410,6 +1499,52 @@ def _allocate(tables, budget, fill=True, iters=80):
     return choice, total, lam
 
 
+def _allocated_layer(lin, d, r, k, refit, rows):
+    """The :class:`LinearLoSparse` of :func:`one_shot_allocate` for one layer: rank ``r`` and ``k`` kept rows of S,
+    from ``d`` (the SVD of its whitened weight, :func:`_fisher_svds`). Returns ``(layer, weighted error)``."""
+    W = lin.weight.detach()
+    H, Win = W.shape
+    U, S, Vh = d["U"], d["S"], d["Vh"]
+    E, res = _allocation_table(U.cpu(), S.cpu(), torch.tensor([r]), rows)
+    err = float(E[0, k])
+    kept = torch.topk(res[0], k).indices.to(U.device) if k else torch.zeros(0, dtype=torch.long, device=U.device)
+    s = S[:r].sqrt()
+    Lw, Rw = U[:, :r] * s, s[:, None] * Vh[:r]
+    if r and 0 < k < H:  # refit L R to the non-kept rows, re-choose the rows: the weighted error does not increase
+        A = (U * S) @ Vh
+        for _ in range(refit):
+            Am = A.clone()
+            Am[kept] = 0
+            U2, S2, Vh2 = torch.linalg.svd(Am, full_matrices=False)
+            s = S2[:r].sqrt()
+            Lw2, Rw2 = U2[:, :r] * s, s[:, None] * Vh2[:r]
+            e = ((A - Lw2 @ Rw2).double() ** 2).sum(1)
+            kept2 = torch.topk(e, k).indices
+            err2 = float(e.sum() - e[kept2].sum())
+            if err2 > err:  # numerical noise only: keep the better one
+                break
+            Lw, Rw, kept, err = Lw2, Rw2, kept2, err2
+    L, R = Lw.double(), Rw.double()
+    if d["d"] is not None:
+        L = L / d["d"][:, None].to(L.device)
+    if d["K_inv"] is not None:
+        R = R @ d["K_inv"].to(R.device)
+    if r:  # balance each component (||L_:j|| = ||R_j:||, L R unchanged): the whitening leaves them lopsided,
+        nl, nr = L.norm(dim=0), R.norm(dim=1)  # which makes gradient steps on L, R badly scaled
+        g = torch.where((nl > 0) & (nr > 0), (nr / nl.clamp_min(1e-300)).sqrt(), torch.ones_like(nl))
+        L, R = L * g, R / g[:, None]
+    L, R = L.float(), R.float()
+    Sm = None
+    if rows:
+        Sm = torch.zeros(H, Win, dtype=torch.float32, device=W.device)
+        Sm[kept] = W.float()[kept] - (L @ R)[kept]
+    kw = {"device": W.device, "dtype": W.dtype}
+    layer = LinearLoSparse(Win, H, r, has_bias=lin.bias is not None, has_sparse=rows, device="meta")
+    layer.initialize_weight(L.to(**kw), R.to(**kw), None if Sm is None else Sm.to(**kw),
+                            None if lin.bias is None else lin.bias.detach().clone())
+    return layer, err
+
+
 @torch.no_grad()
 def one_shot_allocate(module, input_cov, output_fisher, kept_fraction, allow_name=None, block_name=None,
                       rank_multiple=8, refit=1, parts=("lowrank", "rows"), _svds=None):
@@ -1433,7 +1568,11 @@ def one_shot_allocate(module, input_cov, output_fisher, kept_fraction, allow_nam
       (``||L_:j|| = ||R_j:||``, the product unchanged) so that fine-tuning steps on L and R are evenly scaled.
 
     ``parts``: ``("lowrank", "rows")`` (LoSparse), ``("lowrank",)`` (low rank only, S absent) or ``("rows",)``
-    (rows of W only, rank 0). Memory: the full SVDs of all layers are held at once (3x the weights).
+    (rows of W only, rank 0). Memory: with a dict ``input_cov`` the full SVDs of all layers are held at once (3x
+    the weights); with an :class:`InputCovariances` (streaming) one group's statistics and SVDs at a time, and
+    the error tables of all layers (``(in/rank_multiple + 1) * (out + 1)`` float64 per layer, 4-45 MB per
+    LLaMA-7B matrix): each group is measured and decomposed twice, once for the tables and once (last group
+    first) to build its layers; the result equals the one of the dict.
 
     :return: ``{"budget", "stored", "total_entries", "weighted_error", "weighted_error_before_refit",
               "layers": [{"name", "rank", "kept_rows", "in_features", "out_features"}]}``.
@@ -1448,80 +1587,61 @@ def one_shot_allocate(module, input_cov, output_fisher, kept_fraction, allow_nam
     targets = _linear_targets(module, allow_name, block_name)
     if not targets:
         raise ValueError(f"one_shot_allocate: no nn.Linear matches allow_name={allow_name}")
-    for stats, what in ((input_cov, "input_cov"), (output_fisher, "output_fisher")):
-        missing = [] if stats is None else [n for n, _ in targets if n not in stats]
-        if missing:
-            raise ValueError(f"one_shot_allocate: {what} has no statistics for {len(missing)} of the {len(targets)} "
-                             f"layers to replace, e.g. {missing[:3]}")
+    names = [n for n, _ in targets]
+    groups = [(names, None)] if input_cov is None else _input_groups(input_cov, names, "one_shot_allocate")
+    missing = [] if output_fisher is None else [n for n in names if n not in output_fisher]
+    if missing:
+        raise ValueError(f"one_shot_allocate: output_fisher has no statistics for {len(missing)} of the "
+                         f"{len(targets)} layers to replace, e.g. {missing[:3]}")
     start = time.perf_counter()
-    svds = _svds if _svds is not None else _fisher_svds(targets, input_cov, output_fisher)
-    rows = "rows" in parts
-    tables, info_tables = [], []
-    for name, lin in targets:
-        H, Win = lin.weight.shape
-        q = svds[name]["S"].numel()
-        ranks = (torch.unique(torch.cat([torch.arange(0, q, rank_multiple), torch.tensor([q])]))
-                 if "lowrank" in parts else torch.zeros(1, dtype=torch.long))
-        E, res = _allocation_table(svds[name]["U"].cpu(), svds[name]["S"].cpu(), ranks, rows)
-        tables.append((E, ranks, H + Win, Win + 1))
-        info_tables.append(res)
+    linears, rows = dict(targets), "rows" in parts
+    stream = len(groups) > 1
+
+    def decompose(group, source):
+        if _svds is not None:
+            return _svds
+        covs = source(group) if callable(source) else source
+        return _fisher_svds([(n, linears[n]) for n in group], covs, output_fisher)
+
+    tables, svds = {}, {}
+    for group, source in groups:  # pass 1: the error table of every layer
+        dec = decompose(group, source)
+        for n in group:
+            H, Win = linears[n].weight.shape
+            q = dec[n]["S"].numel()
+            ranks = (torch.unique(torch.cat([torch.arange(0, q, rank_multiple), torch.tensor([q])]))
+                     if "lowrank" in parts else torch.zeros(1, dtype=torch.long))
+            E, _ = _allocation_table(dec[n]["U"].cpu(), dec[n]["S"].cpu(), ranks, rows)
+            tables[n] = (E, ranks, H + Win, Win + 1)
+        if not stream:
+            svds = dec
+        del dec
     total_entries = sum(m.weight.numel() for _, m in targets)
     budget = math.floor(kept_fraction * total_entries)
-    choice, stored, lam = _allocate(tables, budget)
-    before = sum(float(t[0][j, k]) for t, (j, k) in zip(tables, choice))
-    after, layers = 0.0, []
-    for (name, lin), (E, ranks, _, _), res, (j, k) in zip(targets, tables, info_tables, choice):
-        d = svds[name]
-        W = lin.weight.detach()
-        H, Win = W.shape
-        r = int(ranks[j])
-        U, S, Vh = d["U"], d["S"], d["Vh"]
-        kept = torch.topk(res[j], k).indices.to(U.device) if k else torch.zeros(0, dtype=torch.long, device=U.device)
-        s = S[:r].sqrt()
-        Lw, Rw = U[:, :r] * s, s[:, None] * Vh[:r]
-        err = float(E[j, k])
-        if r and 0 < k < H:
-            A = (U * S) @ Vh
-            for _ in range(refit):
-                Am = A.clone()
-                Am[kept] = 0
-                U2, S2, Vh2 = torch.linalg.svd(Am, full_matrices=False)
-                s = S2[:r].sqrt()
-                Lw2, Rw2 = U2[:, :r] * s, s[:, None] * Vh2[:r]
-                e = ((A - Lw2 @ Rw2).double() ** 2).sum(1)
-                kept2 = torch.topk(e, k).indices
-                err2 = float(e.sum() - e[kept2].sum())
-                if err2 > err:  # numerical noise only: keep the better one
-                    break
-                Lw, Rw, kept, err = Lw2, Rw2, kept2, err2
-        after += err
-        L, R = Lw.double(), Rw.double()
-        if d["d"] is not None:
-            L = L / d["d"][:, None].to(L.device)
-        if d["K_inv"] is not None:
-            R = R @ d["K_inv"].to(R.device)
-        if r:  # balance each component (||L_:j|| = ||R_j:||, L R unchanged): the whitening leaves them lopsided,
-            nl, nr = L.norm(dim=0), R.norm(dim=1)  # which makes gradient steps on L, R badly scaled
-            g = torch.where((nl > 0) & (nr > 0), (nr / nl.clamp_min(1e-300)).sqrt(), torch.ones_like(nl))
-            L, R = L * g, R / g[:, None]
-        L, R = L.float(), R.float()
-        Sm = None
-        if rows:
-            Sm = torch.zeros(H, Win, dtype=torch.float32, device=W.device)
-            Sm[kept] = W.float()[kept] - (L @ R)[kept]
-        kw = {"device": W.device, "dtype": W.dtype}
-        layer = LinearLoSparse(Win, H, r, has_bias=lin.bias is not None, has_sparse=rows, device="meta")
-        layer.initialize_weight(L.to(**kw), R.to(**kw), None if Sm is None else Sm.to(**kw),
-                                None if lin.bias is None else lin.bias.detach().clone())
-        _set_submodule(module, name, layer)
-        layers.append({"name": name, "rank": r, "kept_rows": int(k), "in_features": Win, "out_features": H})
+    choice, stored, lam = _allocate([tables[n] for n in names], budget)
+    choice = dict(zip(names, choice))
+    before = sum(float(tables[n][0][j, k]) for n, (j, k) in choice.items())
+    after, layers = 0.0, {}
+    for group, source in reversed(groups):  # pass 2: build, last group first (the earlier inputs stay as measured)
+        dec = decompose(group, source) if stream else svds
+        for n in group:
+            j, k = choice[n]
+            r = int(tables[n][1][j])
+            layer, err = _allocated_layer(linears[n], dec[n], r, k, refit, rows)
+            after += err
+            _set_submodule(module, n, layer)
+            H, Win = linears[n].weight.shape
+            layers[n] = {"name": n, "rank": r, "kept_rows": int(k), "in_features": Win, "out_features": H}
+        del dec
+    layers = [layers[n] for n in names]
     info = {"budget": budget, "stored": stored, "total_entries": total_entries, "weighted_error": after,
             "weighted_error_before_refit": before, "layers": layers}
     ranks = [x["rank"] for x in layers]
     logger.info("LoSparse one-shot allocation: %d layers, rank %d-%d, %d rows of S kept; %d stored parameters of "
-                "a budget of %d (%.2f%% of %d); weighted error %.4g (%.4g before refit); %.1f s", len(layers),
+                "a budget of %d (%.2f%% of %d); weighted error %.4g (%.4g before refit); %s%.1f s", len(layers),
                 min(ranks), max(ranks), sum(x["kept_rows"] for x in layers), stored, budget,
-                100 * stored / total_entries, total_entries, after, before, time.perf_counter() - start)
+                100 * stored / total_entries, total_entries, after, before,
+                f"{len(groups)} streamed groups, " if stream else "", time.perf_counter() - start)
     return info
 
 

@@ -440,6 +440,69 @@ def test_one_shot_allocate_uses_the_fisher_and_checks_its_input():
 
 
 # ----------------------------------------------------------------------------------------------------
+# streaming calibration (utils.InputCovariances): one group of blocks at a time, the same result
+# ----------------------------------------------------------------------------------------------------
+def _losparse_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_input_covariances_stream_one_group_at_a_time_and_stop_early():
+    model, data = tiny_llama(seed=3), batches(n=3)
+    covs = utils.collect_input_covariance(model, data, LLAMA, BLOCK)
+    stats = utils.InputCovariances(model, data, LLAMA, BLOCK, blocks_per_pass=1)
+    assert [len(g) for g in stats.groups] == [7, 7]
+    assert all(n.startswith(f"model.layers.{i}.") for i, g in enumerate(stats.groups) for n in g)
+    assert utils.InputCovariances(model, data, LLAMA, BLOCK, blocks_per_pass=2).groups == [stats.names]
+    calls = []
+    handle = model.model.layers[1].register_forward_pre_hook(lambda m, a: calls.append(1))
+    first = stats(stats.groups[0])
+    handle.remove()
+    assert calls == []  # the pass stopped in block 0: block 1 never ran
+    assert list(first) == stats.groups[0]
+    for n, c in first.items():
+        assert torch.equal(c, covs[n])
+    p = "model.layers.0."
+    assert first[p + "self_attn.q_proj"] is first[p + "self_attn.v_proj"]  # shared inputs still shared
+    second = stats(stats.groups[1])
+    assert all(torch.equal(c, covs[n]) for n, c in second.items())
+    with pytest.raises(TypeError, match="re-iterable sequence"):
+        utils.InputCovariances(model, iter(data), LLAMA, BLOCK)
+    with pytest.raises(ValueError, match="blocks_per_pass must be an integer >= 1, got 0"):
+        utils.InputCovariances(model, data, LLAMA, BLOCK, blocks_per_pass=0)
+
+
+def test_streamed_substitution_and_allocation_equal_the_one_pass_result():
+    data = batches(n=4)
+    ref, streamed = tiny_llama(seed=4), tiny_llama(seed=4)
+    covs = utils.collect_input_covariance(ref, data, LLAMA, BLOCK)
+    fisher = utils.collect_output_fisher(ref, data, LLAMA, BLOCK)
+    # --init calibrated: the whitened SVD of every layer, last block first
+    a = utils.substitute_layer_weights(ref, LLAMA, BLOCK, parameter_ratio=0.3, input_cov=covs)
+    b = utils.substitute_layer_weights(streamed, LLAMA, BLOCK, parameter_ratio=0.3,
+                                       input_cov=utils.InputCovariances(streamed, data, LLAMA, BLOCK))
+    assert a == b and len(a) == 14
+    sa, sb = _losparse_state(ref), _losparse_state(streamed)
+    assert sa.keys() == sb.keys() and any(k.endswith("left.weight") for k in sa)
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=0)
+    # --init calibrated --one_shot: the same global allocation, layers built last group first
+    ref, streamed = tiny_llama(seed=4), tiny_llama(seed=4)
+    ia = utils.one_shot_allocate(ref, covs, fisher, 0.5, LLAMA, BLOCK, rank_multiple=2)
+    stats = utils.InputCovariances(streamed, data, LLAMA, BLOCK)
+    ib = utils.one_shot_allocate(streamed, stats, fisher, 0.5, LLAMA, BLOCK, rank_multiple=2)
+    assert ia["layers"] == ib["layers"] and ia["stored"] == ib["stored"] <= ia["budget"]
+    assert len({x["rank"] for x in ib["layers"]}) > 1
+    assert ib["weighted_error"] == pytest.approx(ia["weighted_error"], rel=1e-12)
+    sa, sb = _losparse_state(ref), _losparse_state(streamed)
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=0)
+    # statistics set up for other layers are refused before any work
+    other = utils.InputCovariances(tiny_llama(seed=4), data, ["q_proj"], BLOCK)
+    with pytest.raises(ValueError, match="InputCovariances were set up for other layers"):
+        utils.one_shot_allocate(tiny_llama(seed=4), other, fisher, 0.5, LLAMA, BLOCK)
+
+
+# ----------------------------------------------------------------------------------------------------
 # run_clm.py --init calibrated --one_shot
 # ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -464,7 +527,7 @@ def test_run_clm_one_shot_calibrated_compresses_without_training(clm_assets, tmp
         "--model_name_or_path", root / "llama", "--train_file", root / "train.txt", "--validation_file",
         root / "validation.txt", "--calibration_file", root / "calib.txt", "--calibration_samples", 4,
         "--block_size", 16, "--num_train_epochs", 0, "--init", "calibrated", "--one_shot",
-        "--low_rank_parameter_ratio", 0.2, "--final_threshold", 0.3, "--output_dir", out],
+        "--low_rank_parameter_ratio", 0.2, "--final_threshold", 0.3, "--seed", 1, "--output_dir", out],
         extra_env={"OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "LoSparse calibration: 1 batches, 64 tokens, 14 layers (8 distinct inputs)" in proc.stderr
@@ -490,6 +553,21 @@ def test_run_clm_one_shot_calibrated_compresses_without_training(clm_assets, tmp
     # the saved model is the one-shot model: its perplexity is the reported one
     compact = utils.load_compact(out / "compact", AutoModelForCausalLM)
     assert (out / "compact" / utils.COMPACT_WEIGHTS).is_file() and compact is not None
+    # streaming calibration (one decoder block per pass) saves the same model
+    proc = run_script("run_clm.py", [
+        "--model_name_or_path", root / "llama", "--train_file", root / "train.txt", "--validation_file",
+        root / "validation.txt", "--calibration_file", root / "calib.txt", "--calibration_samples", 4,
+        "--block_size", 16, "--num_train_epochs", 0, "--init", "calibrated", "--one_shot",
+        "--low_rank_parameter_ratio", 0.2, "--final_threshold", 0.3, "--seed", 1, "--calibration_blocks_per_pass", 1,
+        "--output_dir", tmp_path / "streamed"], extra_env={"OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "LoSparse streaming calibration: 7 layers, from model.layers.1.self_attn.q_proj" in proc.stderr
+    assert "2 streamed groups" in proc.stderr
+    streamed = torch.load(tmp_path / "streamed" / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    assert streamed.keys() == sd.keys()
+    for k in sd:
+        torch.testing.assert_close(streamed[k], sd[k], rtol=0, atol=0)
+    assert json.loads((tmp_path / "streamed" / "all_results.json").read_text())["perplexity"] == res["perplexity"]
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -498,6 +576,9 @@ def test_run_clm_one_shot_calibrated_compresses_without_training(clm_assets, tmp
     (["--init", "calibrated", "--calibration_samples", "0"], "--calibration_samples must be >= 1"),
     (["--calibration_file", "x.txt"], "--calibration_file is used by --init calibrated or --one_shot only"),
     (["--init", "whitened"], "argument --init: invalid choice: 'whitened'"),
+    (["--one_shot", "--calibration_blocks_per_pass", "1"], "--calibration_blocks_per_pass streams the statistics of "
+                                                           "--init calibrated"),
+    (["--init", "calibrated", "--calibration_blocks_per_pass", "-1"], "--calibration_blocks_per_pass must be >= 0"),
 ])
 def test_run_clm_calibration_flag_errors(clm_assets, capsys, flags, expected):
     import run_clm
