@@ -1449,26 +1449,33 @@ def _allocate(tables, budget, fill=True, iters=80):
     the total cost ``<= budget``. Lagrangian relaxation (bisection on the price ``lam`` of a parameter; the
     choice at a price is optimal for its own cost), then ``fill`` spends what is left greedily, best gain per
     parameter first. Returns ``(choices, cost, lam)``."""
-    grids = []
+    grids = []  # (E, cost of each rank (G x 1), cost of each number of rows (1 x K)): cost = their sum, not stored
     for E, ranks, rank_cost, row_cost in tables:
-        cost = ranks.to(torch.float64)[:, None] * rank_cost + torch.arange(E.shape[1], dtype=torch.float64) * row_cost
-        grids.append((E, cost))
+        grids.append((E, (ranks.to(torch.float64)[:, None] * rank_cost,
+                          torch.arange(E.shape[1], dtype=torch.float64)[None] * row_cost)))
+
+    def at(cost, j, k):
+        return int(cost[0][j, 0] + cost[1][0, k])
 
     def choose(lam):
         out, total = [], 0
         for E, cost in grids:
-            f = int(torch.argmin((E + lam * cost).flatten()))
+            f = int(torch.argmin((E + lam * (cost[0] + cost[1])).flatten()))
             j, k = divmod(f, E.shape[1])
             out.append((j, k))
-            total += int(cost[j, k])
+            total += at(cost, j, k)
         return out, total
+
+    def cheapest(cost):
+        c = cost[0] + cost[1]
+        return float(c[c > 0].min()) if (c > 0).any() else None
 
     choice, total = choose(0.0)
     lam = 0.0
     if total > budget:
         lo = 0.0
-        hi = max(float(E.max()) for E, _ in grids) / max(1.0, min(float(c[c > 0].min()) for _, c in grids
-                                                                  if (c > 0).any())) * 2 + 1e-300
+        unit = min((u for u in (cheapest(c) for _, c in grids) if u is not None), default=1.0)
+        hi = max(float(E.max()) for E, _ in grids) / max(1.0, unit) * 2 + 1e-300
         choice, total = choose(hi)
         for _ in range(iters):
             mid = math.sqrt(lo * hi) if lo > 0 else hi * 1e-12
@@ -1487,7 +1494,7 @@ def _allocate(tables, budget, fill=True, iters=80):
             for i, ((j, k), (E, cost)) in enumerate(zip(choice, grids)):
                 for jj, kk in ((j, k + 1), (j + 1, k)):
                     if jj < E.shape[0] and kk < E.shape[1]:
-                        dc = int(cost[jj, kk]) - int(cost[j, k])
+                        dc = at(cost, jj, kk) - at(cost, j, k)
                         if 0 < dc <= budget - total:
                             ratio = float(E[j, k] - E[jj, kk]) / dc
                             if best is None or ratio > best[0]:  # gains are >= 0 (up to rounding)
@@ -1570,9 +1577,9 @@ def one_shot_allocate(module, input_cov, output_fisher, kept_fraction, allow_nam
     ``parts``: ``("lowrank", "rows")`` (LoSparse), ``("lowrank",)`` (low rank only, S absent) or ``("rows",)``
     (rows of W only, rank 0). Memory: with a dict ``input_cov`` the full SVDs of all layers are held at once (3x
     the weights); with an :class:`InputCovariances` (streaming) one group's statistics and SVDs at a time, and
-    the error tables of all layers (``(in/rank_multiple + 1) * (out + 1)`` float64 per layer, 4-45 MB per
-    LLaMA-7B matrix): each group is measured and decomposed twice, once for the tables and once (last group
-    first) to build its layers; the result equals the one of the dict.
+    the error tables of all layers (``(min(in, out)/rank_multiple + 1) * (out + 1)`` float64 per layer: 17-45 MB
+    per LLaMA-7B matrix, 5.6 GB of CPU memory for the model): each group is measured and decomposed twice, once
+    for the tables and once (last group first) to build its layers; the result equals the one of the dict.
 
     :return: ``{"budget", "stored", "total_entries", "weighted_error", "weighted_error_before_refit",
               "layers": [{"name", "rank", "kept_rows", "in_features", "out_features"}]}``.

@@ -559,7 +559,8 @@ def test_run_clm_one_shot_calibrated_compresses_without_training(clm_assets, tmp
         root / "validation.txt", "--calibration_file", root / "calib.txt", "--calibration_samples", 4,
         "--block_size", 16, "--num_train_epochs", 0, "--init", "calibrated", "--one_shot",
         "--low_rank_parameter_ratio", 0.2, "--final_threshold", 0.3, "--seed", 1, "--calibration_blocks_per_pass", 1,
-        "--output_dir", tmp_path / "streamed"], extra_env={"OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")})
+        "--output_dir", tmp_path / "streamed"],
+        extra_env={"OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "LoSparse streaming calibration: 7 layers, from model.layers.1.self_attn.q_proj" in proc.stderr
     assert "2 streamed groups" in proc.stderr
