@@ -1232,7 +1232,7 @@ class InputCovariances:
     """Streaming calibration: the statistics of :func:`collect_input_covariance` a group of blocks at a time.
 
     Holding ``C`` for every layer at once takes ``sum in^2`` float64 entries per distinct input: about 1.4 GB
-    per LLaMA-7B decoder block, 43 GB for the model. ``InputCovariances(model, batches, allow_name, block_name,
+    per LLaMA-7B decoder block, 44 GB for the model. ``InputCovariances(model, batches, allow_name, block_name,
     blocks_per_pass=1)`` holds none: ``stats.groups`` lists the layer names of each pass (``blocks_per_pass``
     consecutive blocks, a block being the name up to its first numeric part, ``model.layers.3``), and
     ``stats(names)`` runs the batches through the model once (stopped after the last of those layers) and returns
