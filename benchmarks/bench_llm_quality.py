@@ -344,7 +344,8 @@ def main(argv=None):
            args.block_size)
 
     if args.cache and Path(args.cache).is_file():
-        covs, fisher, decs, calib_s, fisher_s, svd_s = torch.load(args.cache, weights_only=False)
+        # memory-mapped: only the parts a run uses are read (4.7 GB for SmolLM2)
+        covs, fisher, decs, calib_s, fisher_s, svd_s = torch.load(args.cache, weights_only=False, mmap=True)
     else:
         t = time.perf_counter()
         calib_batches = [calib[i: i + 8] for i in range(0, len(calib), 8)]
