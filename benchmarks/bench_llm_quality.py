@@ -24,7 +24,11 @@ counting L, R, the kept rows of S and one index per kept row. Forms:
 * ``rows_allocated``             the allocation with whole rows of W only (rank 0);
 * ``*_ft``                       the LoSparse forms ``losparse_svd``, ``losparse_calibrated`` and
                                  ``losparse_allocated`` (compacted) and the dense model (``full_ft``) after the same
-                                 short fine-tuning (``--ft_steps`` x ``--ft_batch`` blocks, stated in tokens).
+                                 short fine-tuning (``--ft_steps`` x ``--ft_batch`` blocks, stated in tokens; the
+                                 same blocks in the same order for every model). ``--lr`` / ``--full_lr`` take lists
+                                 (a sweep: the one-shot model is built once), ``--ft_warmup`` / ``--ft_schedule`` set
+                                 the schedule of both, ``--ft_params`` / ``--kd`` what the LoSparse forms train and on
+                                 which loss (distillation from the dense model as loaded).
 
 The LoSparse split (share of the budget in L, R) is chosen per ``p`` from ``--splits`` by the loss of the calibrated
 form on the first 4 calibration blocks (no held-out data); the plain form uses the same split. One JSON line per
@@ -75,8 +79,20 @@ def parse_args(argv=None):
     p.add_argument("--ft_kept", type=C.csv(float), default=None, help="Kept fractions fine-tuned (default: all).")
     p.add_argument("--forms", type=C.csv(str), default=None, help=f"Forms measured (default all: {','.join(FORMS)}).")
     p.add_argument("--rank_multiple", type=int, default=8, help="Ranks of the allocated forms: multiples of this.")
-    p.add_argument("--lr", type=float, default=2e-4, help="Fine-tuning learning rate of the LoSparse forms.")
-    p.add_argument("--full_lr", type=float, default=5e-5, help="Learning rate of full fine-tuning.")
+    p.add_argument("--lr", type=C.csv(float), default=[2e-4],
+                   help="Fine-tuning learning rates of the LoSparse forms (each from the same one-shot model).")
+    p.add_argument("--full_lr", type=C.csv(float), default=[5e-5],
+                   help="Learning rates of full fine-tuning; the lowest perplexity is the reference ('': none).")
+    p.add_argument("--ft_warmup", type=int, default=0, help="Linear warm-up steps of every fine-tuning.")
+    p.add_argument("--ft_schedule", choices=["linear", "cosine", "constant"], default="linear",
+                   help="Learning-rate decay after the warm-up (every fine-tuning).")
+    p.add_argument("--ft_params", choices=["all", "losparse", "no_embeddings"], default="all",
+                   help="Parameters the LoSparse forms train: all, only L R S of the LoSparse layers, or all but the "
+                        "(tied) embeddings; full fine-tuning trains all.")
+    p.add_argument("--kd", type=float, default=0.0,
+                   help="LoSparse forms: loss = (1 - kd) LM loss + kd T^2 KL(dense || model) on the same tokens "
+                        "(the dense model as loaded is the teacher).")
+    p.add_argument("--kd_temperature", type=float, default=1.0, help="Temperature T of the distillation.")
     p.add_argument("--cache", type=str, default=None,
                    help="A file keeping the calibration statistics and the full decompositions between runs (the "
                         "slow part on CPU); reused when it exists (delete it when the data or model change).")
@@ -93,6 +109,10 @@ def parse_args(argv=None):
     bad = [f for f in args.forms if f not in FORMS]
     if bad:
         raise SystemExit(f"--forms {bad}: allowed values are {', '.join(FORMS)}")
+    if args.ft_steps and args.ft_warmup >= args.ft_steps:
+        raise SystemExit(f"--ft_warmup {args.ft_warmup} must be below --ft_steps {args.ft_steps}")
+    if not 0 <= args.kd <= 1:
+        raise SystemExit(f"--kd must be in [0, 1], got {args.kd}")
     for k in args.kept + args.splits:
         if not 0 < k <= 1:
             raise SystemExit(f"--kept and --splits values must be in (0, 1], got {k}")
@@ -166,25 +186,62 @@ def perplexity(model, data, batch=8):
     return math.exp(min(loss / n, 700))
 
 
-def fine_tune(model, data, steps, batch, lr, seed):
-    """``steps`` AdamW steps (linear decay) on blocks of ``data`` drawn in a seeded order; returns tokens seen."""
+def lr_factor(step, steps, warmup=0, schedule="linear"):
+    """Multiplier of the learning rate at ``step`` (0-based): linear warm-up to 1 over ``warmup`` steps, then
+    ``linear`` (1 - t, the first step at 1), ``cosine`` or ``constant``, t = (step - warmup) / (steps - warmup)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    t = (step - warmup) / (steps - warmup)
+    return {"linear": 1 - t, "cosine": 0.5 * (1 + math.cos(math.pi * t)), "constant": 1.0}[schedule]
+
+
+def fine_tune(model, data, steps, batch, lr, seed, warmup=0, schedule="linear", teacher=None, kd=0.0,
+              temperature=1.0):
+    """``steps`` AdamW steps on blocks of ``data`` drawn in a seeded order (the same for every model); with
+    ``teacher`` and ``kd > 0`` the loss mixes in the distillation term. Returns the tokens seen."""
     if steps == 0:
         return 0
     g = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup, schedule))
     model.train()
     order = torch.randperm(len(data), generator=g)
     for s in range(steps):
         idx = order[(torch.arange(batch) + s * batch) % len(data)]
         x = data[idx]
-        model(input_ids=x, labels=x).loss.backward()
+        out = model(input_ids=x, labels=x)
+        loss = out.loss
+        if teacher is not None and kd > 0:
+            with torch.no_grad():
+                t_logits = teacher(input_ids=x).logits[:, :-1].float() / temperature
+            s_logits = out.logits[:, :-1].float() / temperature
+            v = s_logits.shape[-1]
+            kl = torch.nn.functional.kl_div(torch.log_softmax(s_logits, -1).reshape(-1, v),
+                                            torch.log_softmax(t_logits, -1).reshape(-1, v), log_target=True,
+                                            reduction="batchmean")
+            loss = (1 - kd) * loss + kd * temperature ** 2 * kl
+        loss.backward()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
     model.eval()
     return steps * batch * data.shape[1]
+
+
+def train_only(model, which):
+    """``which``: all | losparse (L, R, S of the LoSparse layers only) | no_embeddings (all but the embeddings and
+    ``lm_head``). Returns the number of trained parameters (shared ones once)."""
+    keep = set()
+    if which == "losparse":
+        keep = {id(p) for m in model.modules() if isinstance(m, utils.LinearLoSparse) for p in m.parameters()}
+    frozen = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+              for p in m.parameters()}
+    n = 0
+    for p in {id(p): p for p in model.parameters()}.values():
+        p.requires_grad_(which == "all" or (id(p) in keep if which == "losparse" else id(p) not in frozen))
+        n += p.numel() if p.requires_grad else 0
+    return n
 
 
 # -- decompositions, computed once per matrix and truncated per budget ----------------------------------------------
@@ -260,6 +317,10 @@ def build_form(dense, decs, covs, form, kept, split, fisher=None, rank_multiple=
     return model, low + rows, entries
 
 
+def _ft_name(form, lr, args):
+    return f"{form}_ft" + (f"@{lr:g}" if len(args.lr) > 1 else "")
+
+
 def main(argv=None):
     args = parse_args(argv)
     C.emit_env(args, "bench_llm_quality.py")
@@ -283,7 +344,8 @@ def main(argv=None):
            args.block_size)
 
     if args.cache and Path(args.cache).is_file():
-        covs, fisher, decs, calib_s, fisher_s, svd_s = torch.load(args.cache, weights_only=False)
+        # memory-mapped: only the parts a run uses are read (4.7 GB for SmolLM2)
+        covs, fisher, decs, calib_s, fisher_s, svd_s = torch.load(args.cache, weights_only=False, mmap=True)
     else:
         t = time.perf_counter()
         calib_batches = [calib[i: i + 8] for i in range(0, len(calib), 8)]
@@ -302,11 +364,16 @@ def main(argv=None):
     C.emit("cell", form="dense", kept=1.0, stored=entries, ratio=1.0, perplexity=dense_ppl, calibration_s=calib_s,
            fisher_s=fisher_s, decomposition_s=svd_s)
     full_ft = None
-    if args.ft_steps and args.ft_kept:
+    schedule = dict(warmup=args.ft_warmup, schedule=args.ft_schedule)
+    for lr in (args.full_lr if args.ft_steps and args.ft_kept else ()):
         m = copy.deepcopy(dense)
-        tokens = fine_tune(m, ft_data, args.ft_steps, args.ft_batch, args.full_lr, args.seed)
-        full_ft = perplexity(m, eval_data)
-        C.emit("cell", form="full_ft", kept=1.0, stored=entries, ratio=1.0, perplexity=full_ft, ft_tokens=tokens)
+        t = time.perf_counter()
+        tokens = fine_tune(m, ft_data, args.ft_steps, args.ft_batch, lr, args.seed, **schedule)
+        ppl = perplexity(m, eval_data)
+        full_ft = ppl if full_ft is None else min(full_ft, ppl)
+        C.emit("cell", form="full_ft", kept=1.0, stored=entries, ratio=1.0, perplexity=ppl, ft_tokens=tokens, lr=lr,
+               warmup=args.ft_warmup, schedule=args.ft_schedule, trained=train_only(m, "all"),
+               seconds=round(time.perf_counter() - t, 1))
         del m
     table = {}
     for kept in args.kept:
@@ -325,16 +392,23 @@ def main(argv=None):
             table[(form, kept)] = ppl
             C.emit("cell", form=form, kept=kept, stored=stored, ratio=stored / entries, perplexity=ppl,
                    vs_dense=ppl / dense_ppl, split=split.get(form), seconds=round(time.perf_counter() - t, 1))
-            if form in FT_FORMS and args.ft_steps and kept in args.ft_kept:
-                tokens = fine_tune(m, ft_data, args.ft_steps, args.ft_batch, args.lr, args.seed)
-                ppl = perplexity(m, eval_data)
-                table[(form + "_ft", kept)] = ppl
+            for lr in (args.lr if form in FT_FORMS and args.ft_steps and kept in args.ft_kept else ()):
+                t = time.perf_counter()
+                mt = copy.deepcopy(m) if len(args.lr) > 1 else m
+                trained = train_only(mt, args.ft_params)
+                tokens = fine_tune(mt, ft_data, args.ft_steps, args.ft_batch, lr, args.seed, **schedule,
+                                   teacher=dense if args.kd else None, kd=args.kd, temperature=args.kd_temperature)
+                ppl = perplexity(mt, eval_data)
+                table[(_ft_name(form, lr, args), kept)] = ppl
                 C.emit("cell", form=form + "_ft", kept=kept, stored=stored, ratio=stored / entries, perplexity=ppl,
-                       vs_full_ft=ppl / full_ft, ft_tokens=tokens)
+                       vs_full_ft=ppl / full_ft if full_ft else None, ft_tokens=tokens, lr=lr, warmup=args.ft_warmup,
+                       schedule=args.ft_schedule, ft_params=args.ft_params, trained=trained, kd=args.kd,
+                       kd_temperature=args.kd_temperature, seconds=round(time.perf_counter() - t, 1))
+                del mt
             del m
-    forms = list(args.forms) + [f + "_ft" for f in FT_FORMS if f in args.forms]
+    forms = list(args.forms) + [_ft_name(f, lr, args) for f in FT_FORMS if f in args.forms for lr in args.lr]
     print(f"{'form':<30}" + "".join(f"{f'{100 * k:g}% kept':>14}" for k in args.kept), file=sys.stderr)
-    print(f"{'dense':<30}{dense_ppl:>14.2f}   full fine-tuning: {full_ft}", file=sys.stderr)
+    print(f"{'dense':<30}{dense_ppl:>14.2f}   full fine-tuning (best of --full_lr): {full_ft}", file=sys.stderr)
     for f in forms:
         print(f"{f:<30}" + "".join(f"{table[(f, k)]:>14.2f}" if (f, k) in table else f"{'':>14}"
                                    for k in args.kept), file=sys.stderr)

@@ -628,6 +628,38 @@ def test_bench_llm_quality_quick():
     assert "losparse_calibrated" in proc.stderr  # the table
 
 
+
+def _bench_llm_quality():
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_llm_quality", REPO / "benchmarks" / "bench_llm_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_llm_quality_schedule_params_and_flags():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    b = _bench_llm_quality()
+    assert [b.lr_factor(s, 4) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert [b.lr_factor(s, 4, warmup=1) for s in range(4)] == pytest.approx([0.5, 1.0, 2 / 3, 1 / 3])
+    assert [b.lr_factor(s, 4, 0, "cosine") for s in range(4)] == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466])
+    assert [b.lr_factor(s, 3, 1, "constant") for s in range(3)] == [0.5, 1.0, 1.0]
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=16, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    assert b.train_only(model, "all") == total
+    assert b.train_only(model, "no_embeddings") == total - 50 * 16
+    assert b.train_only(model, "losparse") == 0  # no LoSparse layer yet
+    assert b.parse_args(["--lr", "1e-4,2e-4", "--full_lr", ""]).full_lr == [] and b.parse_args([]).lr == [2e-4]
+    for bad in (["--ft_steps", "4", "--ft_warmup", "4"], ["--kd", "1.5"]):
+        with pytest.raises(SystemExit):
+            b.parse_args(bad)
+
 def test_run_clm_one_shot_allocation_then_platon_keeps_the_budget(clm_assets, tmp_path):
     root, out = clm_assets, tmp_path / "oneshot_ft"
     proc = run_script("run_clm.py", [
