@@ -628,7 +628,6 @@ def test_bench_llm_quality_quick():
     assert "losparse_calibrated" in proc.stderr  # the table
 
 
-
 def _bench_llm_quality():
     import importlib.util
 
@@ -659,6 +658,7 @@ def test_bench_llm_quality_schedule_params_and_flags():
     for bad in (["--ft_steps", "4", "--ft_warmup", "4"], ["--kd", "1.5"]):
         with pytest.raises(SystemExit):
             b.parse_args(bad)
+
 
 def test_run_clm_one_shot_allocation_then_platon_keeps_the_budget(clm_assets, tmp_path):
     root, out = clm_assets, tmp_path / "oneshot_ft"

@@ -56,7 +56,7 @@ def test_quickstart_clm_reduced_steps(tmp_path):
     env = dict(os.environ)
     env.update({"LOSPARSE_PYTHON": sys.executable, "QUICKSTART_CLM_MAX_STEPS": str(STEPS),
                 "QUICKSTART_CLM_WARMUP_STEPS": "1", "QUICKSTART_CLM_RATIOS": "0.25:0.25",
-                "QUICKSTART_CLM_EVAL_BLOCKS": "4", "QUICKSTART_CLM_GEN_TOKENS": "2",
+                "QUICKSTART_CLM_EVAL_BLOCKS": "4", "QUICKSTART_CLM_GEN_TOKENS": "2", "QUICKSTART_CLM_CALIBRATION": "8",
                 "QUICKSTART_CLM_OUT": str(tmp_path / "qs"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                 "QUICKSTART_CLM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
                 "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets")})
