@@ -485,6 +485,14 @@ def test_streamed_substitution_and_allocation_equal_the_one_pass_result():
     assert sa.keys() == sb.keys() and any(k.endswith("left.weight") for k in sa)
     for k in sa:
         torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=0)
+    # one group holding every block (blocks_per_pass >= the number of blocks): one pass, the same layers
+    whole = tiny_llama(seed=4)
+    stats = utils.InputCovariances(whole, data, LLAMA, BLOCK, blocks_per_pass=2)
+    assert len(stats.groups) == 1
+    assert utils.substitute_layer_weights(whole, LLAMA, BLOCK, parameter_ratio=0.3, input_cov=stats) == a
+    sw = _losparse_state(whole)
+    for k in sa:
+        torch.testing.assert_close(sw[k], sa[k], rtol=0, atol=0)
     # --init calibrated --one_shot: the same global allocation, layers built last group first
     ref, streamed = tiny_llama(seed=4), tiny_llama(seed=4)
     ia = utils.one_shot_allocate(ref, covs, fisher, 0.5, LLAMA, BLOCK, rank_multiple=2)
