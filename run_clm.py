@@ -313,6 +313,10 @@ def _check_args(parser, args):
                          "--train_file")
         if args.one_shot and args.resume_from_checkpoint is not None:
             parser.error("--one_shot with --resume_from_checkpoint: the resumed state already holds the pruned rows")
+        if args.init == "calibrated" and args.one_shot and args.svd == "randomized":
+            parser.error("--svd randomized has no effect with --init calibrated --one_shot: the allocation needs "
+                         "every singular value of each whitened matrix (full SVDs; --svd auto picks them); use "
+                         "--svd full or auto")
     elif args.calibration_file is not None:
         parser.error("--calibration_file is used by --init calibrated or --one_shot only")
     if args.calibration_blocks_per_pass < 0:

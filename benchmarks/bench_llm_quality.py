@@ -522,7 +522,8 @@ def main(argv=None):
                        seconds=round(time.perf_counter() - t, 1))
                 del mt
             del m
-    forms = list(args.forms) + [_ft_name(f, lr, args) for f in FT_FORMS if f in args.forms for lr in args.lr]
+    forms = list(args.forms) + [_ft_name(f, lr, args) for f in FT_FORMS if f in args.forms for lr in args.lr
+                                if args.ft_steps]
     forms += ["full_ft_then_allocated"] if tuned is not None else []
     print(f"{'form':<30}" + "".join(f"{f'{100 * k:g}% kept':>14}" for k in args.kept), file=sys.stderr)
     print(f"{'dense':<30}{dense_ppl:>14.2f}   full fine-tuning (best of --full_lr): {full_ft}", file=sys.stderr)

@@ -618,6 +618,8 @@ def test_run_clm_fine_tune_then_one_shot(clm_assets, tmp_path):
     (["--init", "calibrated", "--calibration_samples", "0"], "--calibration_samples must be >= 1"),
     (["--calibration_file", "x.txt"], "--calibration_file is used by --init calibrated or --one_shot only"),
     (["--init", "whitened"], "argument --init: invalid choice: 'whitened'"),
+    (["--init", "calibrated", "--one_shot", "--svd", "randomized"], "--svd randomized has no effect with --init "
+                                                                    "calibrated --one_shot"),
     (["--one_shot", "--calibration_blocks_per_pass", "1"], "--calibration_blocks_per_pass streams the statistics of "
                                                            "--init calibrated"),
     (["--init", "calibrated", "--calibration_blocks_per_pass", "-1"], "--calibration_blocks_per_pass must be >= 0"),
