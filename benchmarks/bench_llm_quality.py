@@ -97,6 +97,9 @@ def parse_args(argv=None):
     p.add_argument("--kd", type=float, default=0.0,
                    help="LoSparse forms: loss = (1 - kd) LM loss + kd T^2 KL(dense || model) on the same tokens "
                         "(the dense model as loaded is the teacher).")
+    p.add_argument("--factor_lr_scale", type=float, default=1.0,
+                   help="The L, R factors of the LoSparse layers train at this multiple of --lr (S and every other "
+                        "parameter at --lr).")
     p.add_argument("--kd_temperature", type=float, default=1.0, help="Temperature T of the distillation.")
     p.add_argument("--ft_prune_from", type=float, default=None,
                    help="Gradual LoSparse (losparse_allocated only): the fine-tuning starts from the allocated L, R with "
@@ -130,6 +133,8 @@ def parse_args(argv=None):
         raise SystemExit(f"--ft_warmup {args.ft_warmup} must be below --ft_steps {args.ft_steps}")
     if not 0 <= args.kd <= 1:
         raise SystemExit(f"--kd must be in [0, 1], got {args.kd}")
+    if not args.factor_lr_scale > 0:
+        raise SystemExit(f"--factor_lr_scale must be > 0, got {args.factor_lr_scale}")
     if args.ft_prune_from is not None and not (max(args.kept) < args.ft_prune_from and 0 < args.ft_prune_end <= 1):
         raise SystemExit(f"--ft_prune_from {args.ft_prune_from} must be above every --kept ({max(args.kept)}) and "
                          f"--ft_prune_end {args.ft_prune_end} in (0, 1]")
@@ -216,15 +221,20 @@ def lr_factor(step, steps, warmup=0, schedule="linear"):
 
 
 def fine_tune(model, data, steps, batch, lr, seed, warmup=0, schedule="linear", teacher=None, kd=0.0,
-              temperature=1.0, after_step=None):
+              temperature=1.0, after_step=None, factor_lr_scale=1.0):
     """``steps`` AdamW steps on blocks of ``data`` drawn in a seeded order (the same for every model); with
     ``teacher`` and ``kd > 0`` the loss mixes in the distillation term; ``after_step(step)`` runs after each
-    optimizer step (1-based). Returns the tokens seen."""
+    optimizer step (1-based); the factors L, R of the LoSparse layers train at ``lr * factor_lr_scale``.
+    Returns the tokens seen."""
     if steps == 0:
         return 0
     g = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    factors = {id(p) for m in model.modules() if isinstance(m, utils.LinearLoSparse)
+               for p in (m.left.weight, m.right.weight)}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in factors]
+    lr_lr = [p for p in model.parameters() if p.requires_grad and id(p) in factors]
+    groups = [{"params": params}] + ([{"params": lr_lr, "lr": lr * factor_lr_scale}] if lr_lr else [])
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup, schedule))
     model.train()
     order = torch.randperm(len(data), generator=g)
@@ -504,7 +514,7 @@ def main(argv=None):
                 trained = train_only(mt, args.ft_params)
                 tokens = fine_tune(mt, ft_data, args.ft_steps, args.ft_batch, lr, args.seed, **schedule,
                                    teacher=dense if args.kd else None, kd=args.kd, temperature=args.kd_temperature,
-                                   after_step=rows)
+                                   after_step=rows, factor_lr_scale=args.factor_lr_scale)
                 stored_after = stored
                 if rows is not None:
                     stored_after = rows.stored()
@@ -516,7 +526,8 @@ def main(argv=None):
                 C.emit("cell", form=form + "_ft", kept=kept, stored=stored, ratio=stored / entries, perplexity=ppl,
                        vs_full_ft=ppl / full_ft if full_ft else None, ft_tokens=tokens, lr=lr, warmup=args.ft_warmup,
                        schedule=args.ft_schedule, ft_params=args.ft_params, trained=trained, kd=args.kd,
-                       kd_temperature=args.kd_temperature, prune_from=args.ft_prune_from if gradual else None,
+                       kd_temperature=args.kd_temperature, factor_lr_scale=args.factor_lr_scale,
+                       prune_from=args.ft_prune_from if gradual else None,
                        prune_end=args.ft_prune_end if gradual else None,
                        stored_after=stored_after,
                        seconds=round(time.perf_counter() - t, 1))

@@ -703,6 +703,27 @@ def test_bench_llm_quality_schedule_params_and_flags():
             b.parse_args(bad)
 
 
+def test_bench_fine_tune_factor_lr_scale():
+    """--factor_lr_scale: L and R of the LoSparse layers step at lr * scale, S and the rest at lr (AdamW's first
+    step moves every entry with a gradient by the learning rate of its group)."""
+    b = _bench_llm_quality()
+    model = tiny_llama(5)
+    calib = batches(6, n=1)
+    utils.one_shot_allocate(model, utils.collect_input_covariance(model, calib, LLAMA, BLOCK),
+                            utils.collect_output_fisher(model, calib, LLAMA, BLOCK), 0.7, LLAMA, BLOCK)
+    layer = next(m for m in model.modules() if isinstance(m, utils.LinearLoSparse) and m.left.weight.numel())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert b.fine_tune(model, torch.randint(0, 120, (4, 12)), 1, 4, 1e-3, 0, factor_lr_scale=0.25) == 48
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters() if p.numel()}
+    name = next(n for n, m in model.named_modules() if m is layer)
+    assert moved[name + ".left.weight"] == pytest.approx(2.5e-4, rel=1e-3)
+    assert moved[name + ".right.weight"] == pytest.approx(2.5e-4, rel=1e-3)
+    assert moved[name + ".sparse.weight"] == pytest.approx(1e-3, rel=1e-3)
+    assert moved["model.embed_tokens.weight"] == pytest.approx(1e-3, rel=1e-3)
+    with pytest.raises(SystemExit, match="--factor_lr_scale"):
+        b.parse_args(["--factor_lr_scale", "0"])
+
+
 def test_bench_gradual_rows_starts_dense_and_ends_on_the_budget():
     b = _bench_llm_quality()
     dense = tiny_llama(3)
