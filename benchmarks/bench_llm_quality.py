@@ -27,8 +27,9 @@ counting L, R, the kept rows of S and one index per kept row. Forms:
                                  short fine-tuning (``--ft_steps`` x ``--ft_batch`` blocks, stated in tokens; the
                                  same blocks in the same order for every model). ``--lr`` / ``--full_lr`` take lists
                                  (a sweep: the one-shot model is built once), ``--ft_warmup`` / ``--ft_schedule`` set
-                                 the schedule of both, ``--ft_params`` / ``--kd`` what the LoSparse forms train and on
-                                 which loss (distillation from the dense model as loaded); with
+                                 the schedule of both, ``--ft_params`` / ``--factor_lr_scale`` / ``--kd`` what the
+                                 LoSparse forms train, at which rate (L, R) and on which loss (distillation from the
+                                 dense model as loaded); with
                                  ``--ft_prune_from P`` the allocated form starts its fine-tuning from S = W - L R
                                  with more rows (every row: the dense model) and removes them while training
                                  (gradual, cubic) down to the same budget;
