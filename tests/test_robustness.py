@@ -285,6 +285,9 @@ import run_glue, utils
 
 plan = json.loads(sys.argv[2])
 state = {"kill": None, "count": 0}
+# A shell without job control starts background jobs with SIGINT ignored, and children inherit that: restore
+# Python's own handler so that the SIGINT below is a Ctrl-C wherever the suite runs.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def hit(where, name):
     kill = state["kill"]
