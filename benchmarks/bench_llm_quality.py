@@ -308,8 +308,13 @@ class GradualRows:
             m.sparse.weight[~self.masks[n]] = 0
             i += k
 
+    @torch.no_grad()
     def __call__(self, step):
-        self.prune(self.target(step))
+        if step <= self.end:
+            self.prune(self.target(step))
+        else:  # on the budget: only the removed rows, which the optimizer step moved, are zeroed again
+            for n, m in self.layers:
+                m.sparse.weight[~self.masks[n]] = 0
 
     def stored(self):
         return self.low + sum(int(self.masks[n].sum()) * (m.sparse.weight.shape[1] + 1) for n, m in self.layers)
@@ -462,7 +467,7 @@ def main(argv=None):
                warmup=args.ft_warmup, schedule=args.ft_schedule, trained=train_only(m, "all"),
                seconds=round(time.perf_counter() - t, 1))
         if full_ft is None or ppl < full_ft:
-            full_ft, best_ft = ppl, m.eval()
+            full_ft, best_ft = ppl, (m.eval() if args.compress_after_ft else None)  # kept for the other order only
         del m
     tuned = None
     if args.compress_after_ft and full_ft is not None:

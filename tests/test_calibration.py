@@ -748,6 +748,13 @@ def test_bench_gradual_rows_starts_dense_and_ends_on_the_budget():
             assert not (rows.masks[n] & ~seen[-1][n]).any()
             assert (m.sparse.weight[~rows.masks[n]] == 0).all()
         seen.append(dict(rows.masks))
+    # past the end of the schedule: the masks stay, and a removed row an optimizer step moved is zeroed again
+    n, m = next((n, m) for n, m in rows.layers if (~rows.masks[n]).any())
+    with torch.no_grad():
+        m.sparse.weight[~rows.masks[n]] = 1.0
+    stored = rows.stored()
+    rows(4)
+    assert rows.stored() == stored and (m.sparse.weight[~rows.masks[n]] == 0).all()
     # the kept rows are the ones of largest F_i S_i C S_i^T per stored parameter among those still kept
     n, m = rows.layers[0]
     S = m.sparse.weight.detach()
