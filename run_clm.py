@@ -196,6 +196,12 @@ def parse_args(argv=None):
                         "utils.one_shot_allocate); PLATON then goes on at the fraction of S kept. With --init svd: "
                         "keep the --final_threshold of the rows of S with the most output energy (utils.one_shot_rows)."
                         " Pass --num_train_epochs 0 to only compress and save.")
+    g.add_argument("--sequential", type=float, default=None, metavar="A",
+                   help="With --init calibrated --one_shot: after the allocation, refit every layer, block by block, "
+                        "to the original layer's outputs given the inputs the already compressed blocks produce (the "
+                        "sequential update of SVD-LLM, rows of S included; same ranks and rows). A in (0, 1] is the "
+                        "weight kept on the fit to the original inputs (1: no change; 0.8 is a safe start: lower "
+                        "values overfit the calibration blocks). Default: off.")
     utils.add_losparse_args(parser)
     args = parser.parse_args(argv)
     _check_args(parser, args)
@@ -319,6 +325,11 @@ def _check_args(parser, args):
                          "--svd full or auto")
     elif args.calibration_file is not None:
         parser.error("--calibration_file is used by --init calibrated or --one_shot only")
+    if args.sequential is not None:
+        if not (args.init == "calibrated" and args.one_shot):
+            parser.error("--sequential refits the one-shot allocation: pass it with --init calibrated --one_shot")
+        if not 0 < args.sequential <= 1:
+            parser.error(f"--sequential must be in (0, 1], got {args.sequential}")
     if args.calibration_blocks_per_pass < 0:
         parser.error(f"--calibration_blocks_per_pass must be >= 0, got {args.calibration_blocks_per_pass}")
     if args.calibration_blocks_per_pass and args.init != "calibrated":
@@ -655,7 +666,9 @@ def main(argv=None):
         # fraction of S the allocation kept, so the budget stays that of the two flags.
         budget = min(1.0, args.low_rank_parameter_ratio + args.final_threshold)
         try:
-            info = utils.one_shot_allocate(model, input_cov, output_fisher, budget, allow_name, block_name)
+            info = utils.one_shot_allocate(model, input_cov, output_fisher, budget, allow_name, block_name,
+                                           sequential=None if args.sequential is None else calib_batches,
+                                           sequential_damp=args.sequential or 1.0)
         except (ValueError, RuntimeError) as e:
             raise SystemExit(f"run_clm.py: error: --one_shot: {e}")
         del input_cov, output_fisher

