@@ -600,13 +600,17 @@ def test_run_clm_one_shot_calibrated_compresses_without_training(clm_assets, tmp
     from transformers import AutoModelForCausalLM
 
     root, out = clm_assets, tmp_path / "oneshot"
-    proc = run_script("run_clm.py", [
-        "--model_name_or_path", root / "llama", "--train_file", root / "train.txt", "--validation_file",
-        root / "validation.txt", "--calibration_file", root / "calib.txt", "--calibration_samples", 4,
-        "--block_size", 16, "--num_train_epochs", 0, "--init", "calibrated", "--one_shot",
-        "--low_rank_parameter_ratio", 0.2, "--final_threshold", 0.3, "--seed", 1, "--output_dir", out],
-        extra_env={"OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    def one_shot(output_dir, *extra):
+        proc = run_script("run_clm.py", [
+            "--model_name_or_path", root / "llama", "--train_file", root / "train.txt", "--validation_file",
+            root / "validation.txt", "--calibration_file", root / "calib.txt", "--calibration_samples", 4,
+            "--block_size", 16, "--num_train_epochs", 0, "--init", "calibrated", "--one_shot",
+            "--low_rank_parameter_ratio", 0.2, "--final_threshold", 0.3, "--seed", 1, *extra,
+            "--output_dir", output_dir], extra_env={"OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")})
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc
+    proc = one_shot(out)
     assert "LoSparse calibration: 1 batches, 64 tokens, 14 layers (8 distinct inputs)" in proc.stderr
     assert "LoSparse calibration (output Fisher): 60 predicted tokens, 14 layers" in proc.stderr
     assert "One-shot allocation:" in proc.stderr
@@ -631,14 +635,7 @@ def test_run_clm_one_shot_calibrated_compresses_without_training(clm_assets, tmp
     compact = utils.load_compact(out / "compact", AutoModelForCausalLM)
     assert (out / "compact" / utils.COMPACT_WEIGHTS).is_file() and compact is not None
     # streaming calibration (one decoder block per pass) saves the same model
-    proc = run_script("run_clm.py", [
-        "--model_name_or_path", root / "llama", "--train_file", root / "train.txt", "--validation_file",
-        root / "validation.txt", "--calibration_file", root / "calib.txt", "--calibration_samples", 4,
-        "--block_size", 16, "--num_train_epochs", 0, "--init", "calibrated", "--one_shot",
-        "--low_rank_parameter_ratio", 0.2, "--final_threshold", 0.3, "--seed", 1, "--calibration_blocks_per_pass", 1,
-        "--output_dir", tmp_path / "streamed"],
-        extra_env={"OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = one_shot(tmp_path / "streamed", "--calibration_blocks_per_pass", 1)
     assert "LoSparse streaming calibration: 7 layers, from model.layers.1.self_attn.q_proj" in proc.stderr
     assert "2 streamed groups" in proc.stderr
     streamed = torch.load(tmp_path / "streamed" / "pytorch_model.bin", map_location="cpu", weights_only=True)
@@ -647,14 +644,7 @@ def test_run_clm_one_shot_calibrated_compresses_without_training(clm_assets, tmp
         torch.testing.assert_close(streamed[k], sd[k], rtol=0, atol=0)
     assert json.loads((tmp_path / "streamed" / "all_results.json").read_text())["perplexity"] == res["perplexity"]
     # --sequential: the same ranks and rows, refitted block by block to the compressed model's own inputs
-    proc = run_script("run_clm.py", [
-        "--model_name_or_path", root / "llama", "--train_file", root / "train.txt", "--validation_file",
-        root / "validation.txt", "--calibration_file", root / "calib.txt", "--calibration_samples", 4,
-        "--block_size", 16, "--num_train_epochs", 0, "--init", "calibrated", "--one_shot",
-        "--low_rank_parameter_ratio", 0.2, "--final_threshold", 0.3, "--seed", 1, "--sequential", 0.5,
-        "--output_dir", tmp_path / "sequential"],
-        extra_env={"OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = one_shot(tmp_path / "sequential", "--sequential", 0.5)
     assert "LoSparse sequential refit: 14 layers" in proc.stderr
     seq = torch.load(tmp_path / "sequential" / "pytorch_model.bin", map_location="cpu", weights_only=True)
     assert seq.keys() == sd.keys() and all(seq[k].shape == sd[k].shape for k in sd)
