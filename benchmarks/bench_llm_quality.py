@@ -17,7 +17,8 @@ counting L, R, the kept rows of S and one index per kept row. Forms:
 * ``losparse_allocated``         ``utils.one_shot_allocate``: two-sided whitened SVD (input second moment ``C`` and
                                  output Fisher ``F`` from ``utils.collect_output_fisher``), ranks and kept rows chosen
                                  per matrix under one global budget by the second-order loss increase, then L R
-                                 refitted once to the non-kept rows;
+                                 refitted once to the non-kept rows (``--sequential``: every allocated form then
+                                 refitted block by block to the compressed model's own inputs);
 * ``losparse_allocated_norefit`` the same without the refit;
 * ``losparse_allocated_nofisher`` the same (with the refit) with ``F = 1`` (one-sided whitening: output energy);
 * ``lowrank_allocated``          the allocation with low rank only (no S);
