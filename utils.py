@@ -1608,22 +1608,27 @@ def _sequential_refit(module, linears, built, plan, batches, output_fisher, refi
     ``M = (1 - damp) E[x~ x~^T] + damp E[x x^T]`` and ``N = (1 - damp) E[x x~^T] + damp E[x x^T]``.
     Returns the summed weighted error."""
     prefix, blocks, holding = _blocks_of(module, list(built), "one_shot_allocate(sequential=...)")
-    calls, hidden = [], []
-
-    def first_block(mod, args, kwargs):
-        kwargs = dict(kwargs)
-        h = args[0] if args else kwargs.pop("hidden_states")
-        for key, value in kwargs.items():  # no KV cache: every block runs several times on the same tokens
-            if key in ("cache", "past_key_values", "past_key_value", "layer_past") or type(value).__name__.endswith(
-                    "Cache"):
-                kwargs[key] = None
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        hidden.append(h.detach())
-        calls.append((tuple(args[1:]), kwargs))
-        raise _CalibrationDone
     first, last = min(holding), max(holding)
-    handle = blocks[first].register_forward_pre_hook(first_block, with_kwargs=True)
+    calls, hidden = {i: [] for i in range(first, last + 1)}, []  # each block's own arguments (models with sliding-
+    # window and full-attention layers give each block its own mask), one forward pass per batch
+
+    def capture(i):
+        def pre(mod, args, kwargs):
+            kwargs = dict(kwargs)
+            h = args[0] if args else kwargs.pop("hidden_states")
+            for key, value in kwargs.items():  # no KV cache: every block runs several times on the same tokens
+                if key in ("cache", "past_key_values", "past_key_value", "layer_past") or \
+                        type(value).__name__.endswith("Cache"):
+                    kwargs[key] = None
+            if "use_cache" in kwargs:
+                kwargs["use_cache"] = False
+            if i == first:
+                hidden.append(h.detach())
+            calls[i].append((tuple(args[1:]), kwargs))
+            if i == last:
+                raise _CalibrationDone
+        return pre
+    handles = [blocks[i].register_forward_pre_hook(capture(i), with_kwargs=True) for i in calls]
     try:
         for batch in batches:
             try:
@@ -1631,9 +1636,10 @@ def _sequential_refit(module, linears, built, plan, batches, output_fisher, refi
             except _CalibrationDone:
                 pass
     finally:
-        handle.remove()
-    if not hidden:
-        raise ValueError("one_shot_allocate(sequential=...): no calibration batch reached the first block")
+        for handle in handles:
+            handle.remove()
+    if not hidden or any(len(c) != len(hidden) for c in calls.values()):
+        raise ValueError("one_shot_allocate(sequential=...): the calibration batches did not run every block once")
     dense_h, comp_h = hidden, list(hidden)
     total = 0.0
     for i in range(first, last + 1):
@@ -1648,7 +1654,7 @@ def _sequential_refit(module, linears, built, plan, batches, output_fisher, refi
         hooks = [block.get_submodule(rel[n]).register_forward_pre_hook(
             lambda mod, args, n=n: order.append((n, args[0]))) for n in names]
         try:
-            _block_call(block, dense_h[0], calls[0])
+            _block_call(block, dense_h[0], calls[i][0])
         finally:
             for hk in hooks:
                 hk.remove()
@@ -1670,10 +1676,10 @@ def _sequential_refit(module, linears, built, plan, batches, output_fisher, refi
             for b in range(len(comp_h)):
                 use("dense")
                 try:
-                    x = _input_at(block, block.get_submodule(rel[group[0]]), dense_h[b], calls[b])
+                    x = _input_at(block, block.get_submodule(rel[group[0]]), dense_h[b], calls[i][b])
                 finally:
                     use("built")
-                xt = _input_at(block, block.get_submodule(rel[group[0]]), comp_h[b], calls[b])
+                xt = _input_at(block, block.get_submodule(rel[group[0]]), comp_h[b], calls[i][b])
                 x, xt = x.reshape(-1, x.shape[-1]), xt.reshape(-1, xt.shape[-1])
                 if cov is None:
                     cov = torch.zeros(xt.shape[1], xt.shape[1], dtype=torch.float64, device=xt.device)
@@ -1704,10 +1710,10 @@ def _sequential_refit(module, linears, built, plan, batches, output_fisher, refi
         for b in range(len(comp_h)):
             use("dense")
             try:
-                dense_h[b] = _block_call(block, dense_h[b], calls[b])
+                dense_h[b] = _block_call(block, dense_h[b], calls[i][b])
             finally:
                 use("built")
-            comp_h[b] = _block_call(block, comp_h[b], calls[b])
+            comp_h[b] = _block_call(block, comp_h[b], calls[i][b])
     return total
 
 

@@ -495,6 +495,30 @@ def test_one_shot_allocate_sequential_fits_the_compressed_inputs(parts):
                                    rtol=1e-3, atol=1e-4)
 
 
+def test_one_shot_allocate_sequential_gives_each_block_its_own_mask():
+    # Qwen2 with a full-attention block then a sliding-window one: each block gets its own attention mask. With
+    # a = 1 the refit must reproduce the plain allocation, whose statistics come from the model's own forward pass
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=True, sliding_window=3,
+                      layer_types=["full_attention", "sliding_attention"])
+    dense = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for w in dense.parameters():
+            w.mul_(6 if w.dim() == 2 else 1)
+    data = batches(n=3)
+    covs = utils.collect_input_covariance(dense, data, LLAMA, BLOCK)
+    plain, same = copy.deepcopy(dense), copy.deepcopy(dense)
+    utils.one_shot_allocate(plain, covs, None, 0.5, LLAMA, BLOCK, rank_multiple=2, parts=("lowrank",))
+    utils.one_shot_allocate(same, covs, None, 0.5, LLAMA, BLOCK, rank_multiple=2, parts=("lowrank",),
+                            sequential=data, sequential_damp=1.0)
+    for n in covs:
+        torch.testing.assert_close(same.get_submodule(n).merged_weight(), plain.get_submodule(n).merged_weight(),
+                                   rtol=1e-3, atol=1e-4)
+
+
 def test_one_shot_allocate_sequential_checks_its_input():
     model, data = tiny_llama(seed=2), batches(n=2)
     covs = utils.collect_input_covariance(model, data, LLAMA, BLOCK)
