@@ -10,6 +10,8 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_
 # the suite in this one process. --dist loadscope sends each test file whole to one worker (its module-scoped runs
 # are trained once), and --no-loadscope-reorder keeps the order tests/conftest.py gives: longest files first, so the
 # two workers finish together.
+# The example scripts the tests run start as children of a fork server that has imported torch, transformers and
+# datasets once per worker (tests/_script_server.py; LOSPARSE_TEST_FORK=0 starts a fresh interpreter for each run).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec .venv/bin/python -m pytest tests -q -p no:cacheprovider -n "${LOSPARSE_TEST_WORKERS:-2}" --dist loadscope \
   --no-loadscope-reorder --durations=20 "$@"

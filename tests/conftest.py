@@ -123,16 +123,133 @@ def tiny_model_dir(tmp_path):
     return _make
 
 
-def run_script(script, args, cwd=None, timeout=900, extra_env=None):
-    """Run one of the repo's example scripts with the current interpreter, offline. Returns CompletedProcess."""
-    env = dict(os.environ)
+_BASE_ENV = dict(os.environ)  # as the session started: what the fork server imports with (no test changed it yet)
+
+
+def _script_env(base, extra_env):
+    env = dict(base)
     env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "WANDB_DISABLED": "true",
                 "CUDA_VISIBLE_DEVICES": ""})
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra_env or {})
+    return env
+
+
+def run_script(script, args, cwd=None, timeout=900, extra_env=None):
+    """Run one of the repo's example scripts with the current interpreter, offline. Returns CompletedProcess.
+
+    The run is a child of a fork server that has imported torch, transformers and datasets once (see
+    tests/_script_server.py: the same process, exit code and output as ``python script args``, seconds less of
+    imports). ``LOSPARSE_TEST_FORK=0``, or an environment that differs from the server's where a library reads it
+    at import, runs a fresh interpreter instead."""
+    env = _script_env(os.environ, extra_env)
     cmd = [sys.executable, str(REPO / script)] + [str(a) for a in args]
+    if _FORK_SERVER.usable(env):
+        try:
+            return _FORK_SERVER.run(cmd, cwd or REPO, env, timeout)
+        except RuntimeError:  # the server itself ended (killed): a fresh interpreter; the next run restarts it
+            _FORK_SERVER.close()
     return subprocess.run(cmd, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# read at import by torch, transformers, datasets or Python itself: a run whose value differs from the server's
+# environment gets a fresh interpreter (the server's child sets the handled ones itself)
+_IMPORT_TIME = ("HF_", "HUGGINGFACE", "TRANSFORMERS_", "DATASETS_", "TORCH", "PYTORCH", "OMP_", "MKL_", "KMP_",
+                "OPENBLAS", "GOMP", "PYTHON", "HOME", "XDG_", "LD_", "TOKENIZERS_", "CUDA", "TMP", "TEMP")
+_HANDLED = {"HF_DATASETS_CACHE", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH", "PYTHONUNBUFFERED"}
+_RUNTIME = ("TORCHINDUCTOR_", "TRITON_")  # set by torch.compile in the test process itself, read when used
+
+
+class _ForkServer:
+    def __init__(self):
+        self.proc, self.env, self.buf, self.by_imports = None, None, b"", set()
+        self.disabled = os.environ.get("LOSPARSE_TEST_FORK", "1") == "0" or not hasattr(os, "fork")
+
+    def usable(self, env):
+        if self.disabled:
+            return False
+        if self.proc is None or self.proc.poll() is not None:
+            if not self._start():
+                return False
+        ignored = _HANDLED | self.by_imports
+        why = [key for key in set(env) | set(self.env) if env.get(key) != self.env.get(key) and key not in ignored
+               and key.upper().startswith(_IMPORT_TIME) and not key.upper().startswith(_RUNTIME)]
+        threads = env.get("OMP_NUM_THREADS", "")
+        if not threads.isdigit() or env.get("MKL_NUM_THREADS") not in (None, threads):
+            why.append("OMP_NUM_THREADS/MKL_NUM_THREADS")
+        if os.environ.get("LOSPARSE_TEST_FORK_LOG"):  # which runs could not fork, and why
+            with open(os.environ["LOSPARSE_TEST_FORK_LOG"], "a") as f:
+                f.write(f"{'fresh' if why else 'fork'} {os.getpid()} {sorted(why)}\n")
+        return not why
+
+    def _start(self):
+        self.env, self.buf = _script_env(_BASE_ENV, None), b""
+        try:
+            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_script_server.py"))],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                         env=self.env, cwd=REPO)
+            # variables the server's imports set (the test process sets them too once it imports the same)
+            self.by_imports = set(self._read(600)["set_by_imports"])
+            return True
+        except Exception:  # no server: fresh interpreters, as before
+            self.close()
+            self.disabled = True
+            return False
+
+    def _read(self, timeout):
+        import json
+        import select
+        import time
+
+        end = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError("the tests' fork server ended")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def run(self, cmd, cwd, env, timeout):
+        import json
+        import signal
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="losparse-run-") as tmp:
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            req = {"script": cmd[1], "args": cmd[2:], "cwd": str(cwd), "env": env, "stdout": str(out),
+                   "stderr": str(err)}
+            self.proc.stdin.write((json.dumps(req) + "\n").encode())
+            self.proc.stdin.flush()
+            pid = self._read(60)["pid"]
+            try:
+                status = self._read(timeout)["status"]
+            except TimeoutError:
+                os.killpg(pid, signal.SIGKILL)
+                self._read(60)
+                raise subprocess.TimeoutExpired(cmd, timeout, output=out.read_text(errors="replace"),
+                                                stderr=err.read_text(errors="replace"))
+            return subprocess.CompletedProcess(cmd, status, out.read_text(), err.read_text())
+
+    def close(self):
+        if self.proc is not None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(10)
+            except Exception:
+                self.proc.kill()
+            self.proc = None
+
+
+_FORK_SERVER = _ForkServer()
+
+
+def pytest_unconfigure(config):
+    _FORK_SERVER.close()
 
 
 def pytest_configure(config):
@@ -153,6 +270,7 @@ _EXPECTED_SECONDS = {
     "test_multi_process.py": 130, "test_quickstart.py": 115, "test_fsdp2.py": 110, "test_run_clm.py": 80,
     "test_fast_forward.py": 35, "test_remote_code.py": 23, "test_calibration.py": 130, "test_robustness.py": 21,
     "test_run_gpu.py": 20, "test_train_forward.py": 15, "test_utils.py": 14, "test_compile.py": 12,
+    "test_script_runner.py": 30,
 }
 
 
