@@ -201,7 +201,8 @@ def parse_args(argv=None):
                         "to the original layer's outputs given the inputs the already compressed blocks produce (the "
                         "sequential update of SVD-LLM, rows of S included; same ranks and rows). A in (0, 1] is the "
                         "weight kept on the fit to the original inputs (1: no change; 0.8 is a safe start: lower "
-                        "values overfit the calibration blocks). Default: off.")
+                        "values overfit a few calibration blocks; it gains more with more of them, e.g. "
+                        "--calibration_samples 256). Default: off.")
     utils.add_losparse_args(parser)
     args = parser.parse_args(argv)
     _check_args(parser, args)
