@@ -424,7 +424,7 @@ def generate_and_score(model, dataloader, accelerator, tokenizer, args):
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     gen_kwargs = {"max_length": args.val_max_target_length, "num_beams": args.num_beams,
-                  "synced_gpus": any(utils._is_sharded(p) for p in unwrapped.parameters())}  # FSDP2: same steps
+                  "synced_gpus": any(utils.is_sharded(p) for p in unwrapped.parameters())}  # FSDP2: same steps
     predictions, references, gen_lens = [], [], []
     for batch in dataloader:
         with torch.no_grad(), accelerator.autocast():

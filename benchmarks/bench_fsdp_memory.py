@@ -35,6 +35,7 @@ import torch
 
 import _common as C
 from _common import utils
+import losparse.common  # noqa: E402  (the repository root is on sys.path once _common is imported)
 
 
 def parse_args(argv=None):
@@ -107,7 +108,7 @@ class _HeapPeak:
 
 
 def _bytes(t):
-    t = utils._local(t)
+    t = losparse.common.local_part(t)
     return t.numel() * t.element_size()
 
 
@@ -163,7 +164,7 @@ def worker(args):
     state += sum(t.numel() * t.element_size() for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc")  # the flat buffers
                  for t in getattr(pruner, kind).values())
     out = {"ranks": world, "rank": rank, "params": total_params,
-           "local_params": sum(utils._local(p).numel() for p in model.parameters()),
+           "local_params": sum(losparse.common.local_part(p).numel() for p in model.parameters()),
            "state_mib": round(state / 2**20, 1), "peak_mib": round(peak / 2**20, 1),
            "rss_peak_mib": None if rss is None else round(rss / 2**20, 1)}
     Path(args.worker, f"rank{rank}.json").write_text(json.dumps(out))

@@ -57,6 +57,9 @@ import torch
 
 import _common as C
 from _common import utils
+import losparse.decomposition  # noqa: E402  (the repository root is on sys.path once _common is imported)
+import losparse.one_shot  # noqa: E402
+import losparse.substitute  # noqa: E402
 
 LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BLOCK = ["lm_head", "embed_tokens", "norm"]
@@ -348,13 +351,13 @@ def decompositions(dense, covs, fisher):
     """``{name: {"W", "svd": (U, S, Vh), "cal": (U, S, Vh, K_inv), "cal_svds", "fisher"}}`` (full SVDs, truncated
     later; the last two as ``utils.one_shot_allocate`` takes them: one-sided and two-sided whitening)."""
     out, whitened = {}, {}
-    targets = utils._linear_targets(dense, LLAMA_LIKE, BLOCK)
-    two_sided = utils._fisher_svds(targets, covs, fisher)
-    for name, lin in utils._linear_targets(dense, LLAMA_LIKE, BLOCK):
+    targets = losparse.substitute.linear_targets(dense, LLAMA_LIKE, BLOCK)
+    two_sided = losparse.one_shot.fisher_svds(targets, covs, fisher)
+    for name, lin in losparse.substitute.linear_targets(dense, LLAMA_LIKE, BLOCK):
         W = lin.weight.detach()
         plain = utils.low_rank_decomposition(W, parameter_ratio=1.0, return_dict=True, log_level="IGNORE")
         if id(covs[name]) not in whitened:  # q/k/v and gate/up share one C: one eigendecomposition
-            whitened[id(covs[name])] = utils._whitening(covs[name])
+            whitened[id(covs[name])] = losparse.decomposition.whitening(covs[name])
         cal = utils.low_rank_decomposition(W, parameter_ratio=1.0, return_dict=True, log_level="IGNORE",
                                            input_cov=covs[name], _whitened=whitened[id(covs[name])])
         out[name] = {"W": W, "svd": (plain["U"], plain["S"], plain["Vh"], None),

@@ -24,6 +24,7 @@ from torch import nn
 
 import _common as C
 from _common import utils
+import losparse.decomposition  # noqa: E402  (the repository root is on sys.path once _common is imported)
 
 METHODS = ("full", "randomized", "auto")
 NAMES = ["q", "k", "v", "o", "ffn1", "ffn2"]
@@ -132,7 +133,7 @@ def bench_stack(args):
                 by_shape[key] = max(by_shape.get(key, float("-inf")), round(100 * extra[n], 4))
                 exact_by_shape[key] = round(exact[n] / norms[n], 6)
             oversample = lambda r: max(10, r // 2)  # noqa: E731  (low_rank_decomposition's default)
-            n_rand = sum(method == "randomized" or (method == "auto" and utils._use_randomized(
+            n_rand = sum(method == "randomized" or (method == "auto" and losparse.decomposition.use_randomized(
                 "auto", r["out_features"], r["in_features"], r["rank"], oversample(r["rank"]))) for r in rep)
             fields = {}
             if "full" in timings:

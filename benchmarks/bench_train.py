@@ -24,6 +24,7 @@ import torch
 
 import _common as C
 from _common import utils
+import losparse.layer  # noqa: E402  (the repository root is on sys.path once _common is imported)
 from _opcount import OpCounter, saved_activation_bytes
 
 VARIANTS = ("dense", "losparse_factored", "losparse", "losparse_window_step", "losparse_mask_step")
@@ -61,13 +62,13 @@ def parse_args(argv=None):
 @contextlib.contextmanager
 def factored(on):
     """Switch the merged-weight training forward off (the forward before it) while ``on``."""
-    merge = utils._merge_pays
+    merge = losparse.layer.merge_pays
     if on:
-        utils._merge_pays = lambda *a: False
+        losparse.layer.merge_pays = lambda *a: False
     try:
         yield
     finally:
-        utils._merge_pays = merge
+        losparse.layer.merge_pays = merge
 
 
 def pruner_args(deltaT=10):

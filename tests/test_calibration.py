@@ -20,6 +20,9 @@ import torch
 
 from conftest import REPO, make_tokenizer, run_script
 
+import losparse.decomposition
+import losparse.one_shot
+import losparse.substitute
 import utils
 
 LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -311,7 +314,7 @@ def random_tables(seed=0, shapes=((4, 3), (3, 5), (5, 4))):
         A = torch.randn(H, W, generator=g) * torch.rand(1, W, generator=g) * 3
         U, S, Vh = torch.linalg.svd(A, full_matrices=False)
         ranks = torch.arange(S.numel() + 1)
-        E, res = utils._allocation_table(U, S, ranks)
+        E, res = losparse.one_shot.allocation_table(U, S, ranks)
         tables.append((E, ranks, H + W, W + 1))
         svds.append((A, U, S, Vh, res))
     return tables, svds
@@ -343,12 +346,12 @@ def test_allocation_matches_brute_force_and_meets_the_budget():
     exact = 0
     for budget in range(0, full + 1, 3):
         best = min(e for c, e, _ in combos if c <= budget)
-        choice, cost, lam = utils._allocate(tables, budget, fill=False)
+        choice, cost, lam = losparse.one_shot.allocate(tables, budget, fill=False)
         err = sum(float(t[0][j, k]) for t, (j, k) in zip(tables, choice))
         assert cost <= budget
         # the Lagrangian choice is optimal for its own cost (brute force over every combination)
         assert err == pytest.approx(min(e for c, e, _ in combos if c <= cost), abs=1e-9)
-        filled, fcost, _ = utils._allocate(tables, budget)
+        filled, fcost, _ = losparse.one_shot.allocate(tables, budget)
         ferr = sum(float(t[0][j, k]) for t, (j, k) in zip(tables, filled))
         assert fcost == sum(int(t[1][j]) * t[2] + k * t[3] for t, (j, k) in zip(tables, filled))
         assert fcost <= budget and ferr <= err + 1e-12 and ferr >= best - 1e-9
@@ -360,7 +363,7 @@ def test_allocation_matches_brute_force_and_meets_the_budget():
         exact += ferr == pytest.approx(best, abs=1e-9)
         assert budget - fcost < max(rc for _, _, rc, _ in tables) or budget >= full or fcost == full
     assert exact >= 0.8 * len(range(0, full + 1, 3))  # most budgets: the brute-force optimum itself
-    assert min_step > 0 and utils._allocate(tables, 10 ** 9)[1] == full
+    assert min_step > 0 and losparse.one_shot.allocate(tables, 10 ** 9)[1] == full
 
 
 @pytest.mark.parametrize("parts", [("lowrank", "rows"), ("lowrank",), ("rows",)])
@@ -368,7 +371,7 @@ def test_one_shot_allocate_budget_and_weighted_error(parts):
     model, data = tiny_llama(seed=5), batches(n=4)
     covs = utils.collect_input_covariance(model, data, LLAMA, BLOCK)
     fisher = utils.collect_output_fisher(model, data, LLAMA, BLOCK)
-    dense = {n: m.weight.detach().clone() for n, m in utils._linear_targets(model, LLAMA, BLOCK)}
+    dense = {n: m.weight.detach().clone() for n, m in losparse.substitute.linear_targets(model, LLAMA, BLOCK)}
     x = torch.cat(data)
     with torch.no_grad():
         ref = model(x).logits
@@ -393,7 +396,7 @@ def test_one_shot_allocate_budget_and_weighted_error(parts):
     # the reported weighted error is sum_i F_i (W - W')_i C (W - W')_i^T with the damped F and C
     direct = 0.0
     for n, m in layers.items():
-        K = utils._whitening(covs[n])[0]
+        K = losparse.decomposition.whitening(covs[n])[0]
         d = (fisher[n] + 1e-6 * fisher[n].mean()).sqrt()
         E = dense[n].double() - m.merged_weight().detach().double()
         direct += float(((d[:, None] * E @ K) ** 2).sum())
@@ -829,7 +832,7 @@ def test_bench_gradual_rows_starts_dense_and_ends_on_the_budget():
     calib = batches(4, n=2)
     covs = utils.collect_input_covariance(dense, calib, LLAMA, BLOCK)
     fisher = utils.collect_output_fisher(dense, calib, LLAMA, BLOCK)
-    decs = {n: {"W": lin.weight.detach()} for n, lin in utils._linear_targets(dense, LLAMA, BLOCK)}
+    decs = {n: {"W": lin.weight.detach()} for n, lin in losparse.substitute.linear_targets(dense, LLAMA, BLOCK)}
     entries = sum(d["W"].numel() for d in decs.values())
     model = copy.deepcopy(dense)
     budget = utils.one_shot_allocate(model, covs, fisher, 0.6, LLAMA, BLOCK)["stored"]

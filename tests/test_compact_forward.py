@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+import losparse.forms
 import utils  # noqa: E402
 from conftest import build_tiny_model  # noqa: E402
 
@@ -87,18 +88,18 @@ def test_a_wrong_path_is_caught():
 def test_derived_tensors_are_padded_to_multiples_of_8():
     layer = make_layer(7).eval()  # r = 5 -> 8, k = 7 -> 8
     for path in ("fused", "transposed", "onehot"):
-        d = utils._derive(layer, path)
+        d = losparse.forms.derive(layer, path)
         rs = d["rs"] if path == "transposed" else d["rs_t"].t()
         assert rs.shape == (16, IN) and d["r8"] == 8 and d["k"] == 7
         torch.testing.assert_close(rs[:5], layer.right.weight.detach(), rtol=0, atol=0)
         torch.testing.assert_close(rs[8:15], layer.sparse_weight_pruned.detach(), rtol=0, atol=0)
         assert not rs[5:8].any() and not rs[15:].any()
-    d = utils._derive(layer, "fused")
+    d = losparse.forms.derive(layer, "fused")
     assert d["l_t"].shape == (8, OUT) and not d["l_t"][5:].any()
-    onehot = utils._derive(layer, "onehot")["lp_t"].t()[:, 8:]
+    onehot = losparse.forms.derive(layer, "onehot")["lp_t"].t()[:, 8:]
     assert onehot.shape == (OUT, 8) and onehot.sum() == 7
     assert (onehot[layer.nonzero_idx, torch.arange(7)] == 1).all()
-    merged = utils._derive(layer, "merged")["w"]
+    merged = losparse.forms.derive(layer, "merged")["w"]
     torch.testing.assert_close(merged, layer.merged_weight(), rtol=0, atol=0)
 
 
@@ -167,11 +168,11 @@ def test_cost_model_is_deterministic_and_picks_the_compact_form_on_cpu():
     # BERT-base at 20 %: low-rank 0.05 (r 19-31) plus 15 % of the rows of S
     for in_f, out_f, r, k in [(768, 768, 20, 115), (768, 3072, 31, 461), (3072, 768, 31, 115)]:
         for n in (1, 128, 1024, 4096):
-            c = utils._path_costs(in_f, out_f, r, k, n, 4, "cpu")
-            assert c == utils._path_costs(in_f, out_f, r, k, n, 4, "cpu")
+            c = losparse.forms.path_costs(in_f, out_f, r, k, n, 4, "cpu")
+            assert c == losparse.forms.path_costs(in_f, out_f, r, k, n, 4, "cpu")
             assert min(c, key=c.get) == "fused" and c["fused"] < c["merged"] / 2
     # every row of S kept: the compact form costs more than dense, so speed takes the merged weight
-    c = utils._path_costs(768, 768, 20, 768, 1024, 4, "cpu")
+    c = losparse.forms.path_costs(768, 768, 20, 768, 1024, 4, "cpu")
     assert min(c, key=c.get) == "merged"
 
 
@@ -202,7 +203,7 @@ def test_compression_report_lists_the_path():
     with torch.no_grad():
         model(torch.randn(8, IN))
     paths = [l["path"] for l in utils.compression_report(model).layers]
-    c = utils._path_costs(IN, OUT, RANK, 7, 8, 4, "cpu")
+    c = losparse.forms.path_costs(IN, OUT, RANK, 7, 8, 4, "cpu")
     assert paths == [min(c, key=c.get), "merged"]
     assert "merged" in str(utils.compression_report(model))
 
@@ -314,6 +315,6 @@ def test_torch_compile_fullgraph_matches_eager():
         model[0].left.weight.mul_(3)  # derived inside the graph: never stale
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
         assert (model(x) - eager).abs().max() > 1e-2
-    c = utils._path_costs(IN, OUT, RANK, 7, 32, 4, "cpu")
+    c = losparse.forms.path_costs(IN, OUT, RANK, 7, 32, 4, "cpu")
     assert utils.compression_report(compiled).layers[0]["path"] == min(c, key=c.get)
     torch._dynamo.reset()

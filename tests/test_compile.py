@@ -18,6 +18,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+import losparse.forms
 import utils  # noqa: E402
 from conftest import build_tiny_model, tiny_config  # noqa: E402
 from test_compact_forward import OUT, PATHS, TOL, make_layer, reference  # noqa: E402
@@ -137,7 +138,7 @@ def test_prepare_rejects_bad_arguments(tiny_bert):
 def _tensor_keys(layer, path):
     """The tensors the form ``path`` multiplies by (its derived entries that are tensors)."""
     with torch.no_grad():
-        return [k for k, v in utils._derive(layer, path).items() if torch.is_tensor(v)]
+        return [k for k, v in losparse.forms.derive(layer, path).items() if torch.is_tensor(v)]
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -168,7 +169,7 @@ def test_prepare_keeps_the_form_unless_asked_and_drops_old_buffers():
     utils.prepare_for_inference(layer)  # a refresh: the form stays
     assert layer._fast.prepared == "onehot"
     utils.prepare_for_inference(layer, tokens=1)  # the layer's own choice for one row per call
-    c = utils._path_costs(44, OUT, 5, 7, 1, 4, "cpu")
+    c = losparse.forms.path_costs(44, OUT, 5, 7, 1, 4, "cpu")
     assert layer._fast.prepared == min(c, key=c.get)
     assert {n for n, _ in layer.named_buffers() if n.startswith("_prepared_")} == {
         "_prepared_" + k for k in _tensor_keys(layer, layer._fast.prepared)}

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+import losparse.forms
+import losparse.layer
 import utils
 from conftest import build_tiny_model
 
@@ -299,12 +301,12 @@ def test_default_choice_is_the_cost_model_and_timing_is_opt_in(monkeypatch):
     def never(*a, **k):
         raise AssertionError("timed by default")
 
-    monkeypatch.setattr(utils, "_time_forms", never)
+    monkeypatch.setattr(losparse.forms, "time_forms", never)
     layer = _compacted("rows", dtype=torch.float32).eval()
     assert layer.path_choice == "cost"
     with torch.no_grad():
         layer(torch.randn(4, IN))
-    c = utils._path_costs(IN, OUT, RANK, 2, 4, 4, "cpu")
+    c = losparse.forms.path_costs(IN, OUT, RANK, 2, 4, 4, "cpu")
     assert layer.last_path == min(c, key=c.get)
     with pytest.raises(ValueError, match="path_choice='fast'.*'cost', 'timed'"):
         layer.path_choice = "fast"
@@ -319,7 +321,7 @@ def test_timed_choice_per_shape_class_keeps_only_the_chosen_form(monkeypatch):
             layer._fast.derived(layer, p)
         return {p: (1.0 if p == "transposed" else 5.0) for p in candidates}
 
-    monkeypatch.setattr(utils, "_time_forms", fake_times)
+    monkeypatch.setattr(losparse.forms, "time_forms", fake_times)
     a = _layer(in_f=40, out_f=48, rank=5, keep_rows=list(range(0, 48, 4)), seed=1)  # k = 12
     b = _layer(in_f=40, out_f=48, rank=6, keep_rows=list(range(0, 48, 5)), seed=2)  # k = 10: same class
     utils.prune(nn.Sequential(a, b))  # the layers of one model share one memo of timed choices
@@ -342,7 +344,7 @@ def test_timed_choice_per_shape_class_keeps_only_the_chosen_form(monkeypatch):
 
 def test_timed_choice_takes_rank_0s_decision(monkeypatch):
     """On rank 1 nothing is timed; the broadcast index (rank 0's choice) is used."""
-    monkeypatch.setattr(utils, "_time_forms", lambda *a, **k: pytest.fail("rank 1 timed"))
+    monkeypatch.setattr(losparse.forms, "time_forms", lambda *a, **k: pytest.fail("rank 1 timed"))
     dist = torch.distributed
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
@@ -387,7 +389,7 @@ def test_setting_prefer_or_compact_path_takes_effect():
 # -------------------------------------------------------------------------- 8. repr never communicates
 def test_repr_of_a_sharded_layer_does_not_count_rows(monkeypatch):
     layer = _layer()
-    monkeypatch.setattr(utils, "_is_sharded", lambda t: t is layer.sparse.weight)
+    monkeypatch.setattr(losparse.layer, "is_sharded", lambda t: t is layer.sparse.weight)
     assert "sparse_rows=sharded" in repr(nn.Sequential(layer))  # kept_rows would all-gather here
 
 
@@ -447,7 +449,7 @@ def test_gradcheck_uncompacted_training(kind, bias):
     layer = _layer(bias=bias, dtype=torch.float64)
     names = [n for n, _ in layer.named_parameters()]
     for shape in SHAPES[kind]:
-        assert utils._merge_pays(int(torch.tensor(shape[:-1]).prod()), IN, OUT) == (kind == "merged")
+        assert losparse.layer.merge_pays(int(torch.tensor(shape[:-1]).prod()), IN, OUT) == (kind == "merged")
         _check(layer, torch.randn(*shape, dtype=torch.float64, requires_grad=True), names)
     if bias:  # the bias gradient is exact in float64
         layer.zero_grad()

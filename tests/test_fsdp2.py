@@ -43,6 +43,7 @@ import sys
 import torch
 
 import run_glue
+import losparse.common
 import utils
 
 out = sys.argv[1]
@@ -51,7 +52,7 @@ _update, _report = utils.Pruner.update_and_pruning, utils.compression_report
 
 
 def full(t):
-    return (t.full_tensor() if utils._is_sharded(t) else t).detach().clone()
+    return (t.full_tensor() if utils.is_sharded(t) else t).detach().clone()
 
 
 def update_and_pruning(self, model, global_step):
@@ -59,7 +60,7 @@ def update_and_pruning(self, model, global_step):
     params = self._masked_params(model)
     steps.append({"step": global_step, "threshold": threshold, "mask_threshold": mask_threshold,
                   "zero_rows": {n: (full(p) == 0).all(dim=1) for n, p in params},
-                  "local_rows": {n: utils._local(p).shape[0] for n, p in params},
+                  "local_rows": {n: losparse.common.local_part(p).shape[0] for n, p in params},
                   "scores": self.state_dict()["exp_avg_ipt"]})  # gathered: every rank calls it
     return threshold, mask_threshold
 
@@ -75,7 +76,7 @@ dist = torch.distributed.is_initialized()
 rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
 state = {k: v.detach().clone() for k, v in final["model"].state_dict().items()}
 torch.save({"world_size": world, "steps": steps, "results": results, "state_dict": state,
-            "sharded": any(utils._is_sharded(p) for p in final["model"].parameters())},
+            "sharded": any(utils.is_sharded(p) for p in final["model"].parameters())},
            os.path.join(out, f"rank{rank}.pt"))
 '''
 
@@ -88,6 +89,7 @@ import sys
 import torch
 from torch import nn
 
+import losparse.common
 import utils
 
 out = sys.argv[1]
@@ -130,7 +132,7 @@ class Net(nn.Module):
 
 
 def full(t):
-    return (t.full_tensor() if utils._is_sharded(t) else t).detach().clone()
+    return (t.full_tensor() if utils.is_sharded(t) else t).detach().clone()
 
 
 results = {}
@@ -161,7 +163,7 @@ for name, (kwargs, flags) in CONFIGS.items():
             _, mask_threshold = pruner.update_and_pruning(model, step)
             opt.zero_grad()
             steps.append({"mask_threshold": mask_threshold,  # this rank's rows: no collective per step
-                          "zeros": {n: utils._local(p).detach() == 0 for n, p in model.named_parameters()
+                          "zeros": {n: losparse.common.local_part(p).detach() == 0 for n, p in model.named_parameters()
                                     if n.endswith("sparse.weight")}})
         runs[mode] = {"steps": steps, "state": pruner.state_dict(),
                       "weights": {n: full(p) for n, p in model.named_parameters()},
@@ -470,6 +472,8 @@ def test_the_three_distributions_give_identical_masks(world_of_one, method, dire
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
+    import losparse.common
+    import losparse.distributed
     import utils
 
     class Net(nn.Module):
@@ -494,9 +498,9 @@ def test_the_three_distributions_give_identical_masks(world_of_one, method, dire
                 m.sparse.weight = nn.Parameter(distribute_tensor(m.sparse.weight.detach(), mesh, [Shard(0)]))
         pruner = utils.Pruner(model, args, total_step=12, structured_method=method, structured_direction=direction,
                               pruner_name=pruner_name)
-        assert type(pruner._dist) is (utils._RowShards if kind == "rows" else utils._Local)
+        assert type(pruner._dist) is (losparse.distributed.RowShards if kind == "rows" else losparse.distributed.Local)
         if kind == "replicated":
-            pruner._dist = utils._Replicated()
+            pruner._dist = losparse.distributed.Replicated()
         g = torch.Generator().manual_seed(1)
         steps = []
         for step in range(12):
@@ -505,7 +509,7 @@ def test_the_three_distributions_give_identical_masks(world_of_one, method, dire
                 grad = torch.randn(p.shape, generator=g) * (1 + torch.rand(p.shape[0], 1, generator=g))
                 p.grad = distribute_tensor(grad, mesh, [Shard(0)]) if kind == "rows" else grad
                 with torch.no_grad():
-                    utils._local(p).sub_(0.01 * grad)
+                    losparse.common.local_part(p).sub_(0.01 * grad)
             _, mask_threshold = pruner.update_and_pruning(model, step)
             steps.append((mask_threshold, [(m.sparse.weight.full_tensor() if kind == "rows" else m.sparse.weight)
                                            .detach().clone() for m in (model.query, model.dense)]))
@@ -542,7 +546,7 @@ def test_fsdp2_checkpointing_registers_hooks_and_replaces_no_method(world_of_one
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
     plain = copy.deepcopy(model)
     fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-    assert all(utils._is_sharded(p) for p in model.parameters())
+    assert all(utils.is_sharded(p) for p in model.parameters())
     opt, ref = torch.optim.AdamW(model.parameters(), lr=0.1), torch.optim.AdamW(plain.parameters(), lr=0.1)
     x = torch.randn(5, 8)
     for m, o in ((model, opt), (plain, ref)):
@@ -572,31 +576,29 @@ def test_fsdp2_checkpointing_registers_hooks_and_replaces_no_method(world_of_one
         assert full["state"][i].keys() == entry.keys()
         for k, v in entry.items():
             got = full["state"][i][k]
-            assert not utils._is_sharded(got) and got.shape == v.shape and got.device.type == "cpu", (i, k)
+            assert not utils.is_sharded(got) and got.shape == v.shape and got.device.type == "cpu", (i, k)
             assert torch.allclose(got, v, atol=1e-6, rtol=0), (i, k)
     opt.load_state_dict(copy.deepcopy(full))  # back into the shards
     for i, p in enumerate(model.parameters()):
-        assert utils._is_sharded(opt.state[p]["exp_avg"])
+        assert utils.is_sharded(opt.state[p]["exp_avg"])
         assert torch.equal(opt.state[p]["exp_avg"].full_tensor(), full["state"][i]["exp_avg"])
     weights = [None]
     accelerator.save[0]([model], weights, "unused")  # the full weights go to model.safetensors
     assert weights[0].keys() == plain.state_dict().keys()
-    assert all(not utils._is_sharded(v) and v.shape == plain.state_dict()[k].shape for k, v in weights[0].items())
+    assert all(not utils.is_sharded(v) and v.shape == plain.state_dict()[k].shape for k, v in weights[0].items())
     assert not hasattr(utils, "_UNSHARDED") and not hasattr(utils_fsdp, "_UNSHARDED")
 
 
-def test_utils_alone_forwards_fsdp2_with_a_clear_error(tmp_path):
-    """utils.py copied alone: an unsharded model needs no utils_fsdp.py (fsdp2_full_model / fsdp2_checkpointing
-    return at once); apply_fsdp2 says which file is missing."""
-    import shutil
+def test_fsdp2_helpers_under_every_name():
+    """``utils``, ``utils_fsdp`` (the module of earlier versions) and ``losparse`` give the same FSDP2 helpers; an
+    unsharded model needs none of the FSDP2 machinery (fsdp2_full_model / fsdp2_checkpointing return at once)."""
+    import losparse
+    import losparse.fsdp2
+    import utils
+    import utils_fsdp
 
-    shutil.copy(REPO / "utils.py", tmp_path / "utils.py")
-    code = ("import pytest, torch, utils\n"
-            "m = torch.nn.Linear(2, 2)\n"
-            "assert utils.fsdp2_full_model(m) is m and utils.fsdp2_checkpointing(None, m, None) is None\n"
-            "with pytest.raises(ImportError, match=r'FSDP2 needs utils_fsdp.py next to utils.py'):\n"
-            "    utils.apply_fsdp2(m)\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, **ENV}, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("apply_fsdp2", "fsdp2_checkpointing", "fsdp2_full_model"):
+        assert getattr(utils, name) is getattr(utils_fsdp, name) is getattr(losparse, name) \
+            is getattr(losparse.fsdp2, name), name
+    m = torch.nn.Linear(2, 2)
+    assert utils.fsdp2_full_model(m) is m and utils.fsdp2_checkpointing(None, m, None) is None

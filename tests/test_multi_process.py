@@ -18,8 +18,8 @@ makes Accelerate see a CPU multi-process launch (without it every process silent
 Also: evaluation of run_qa.py and run_summarization.py on 2 processes gathers every example once, in order (the same
 predictions as one process); torchrun without ACCELERATE_USE_CPU stops with a message instead of training 2 lone
 copies; a compacted model with layers that lost every row of S (``--stored_model_path``) trains under DDP;
-``utils._broadcast_from_rank0`` makes ranks with different scores agree on rank 0's masks; the three scripts stop
-with a clear message under DeepSpeed / FSDP / Megatron-LM before they load a model.
+``losparse.distributed.broadcast_from_rank0`` makes ranks with different scores agree on rank 0's masks; the three
+scripts stop with a clear message under DeepSpeed / FSDP / Megatron-LM before they load a model.
 """
 import csv
 import json
@@ -92,6 +92,7 @@ import sys
 import torch
 from torch import nn
 
+import losparse.distributed
 import utils
 
 out = sys.argv[1]
@@ -104,7 +105,7 @@ args = parser.parse_args(["--final_threshold", "0.5", "--warmup_steps", "1", "--
 saved = {}
 for mode in ("broadcast", "local"):
     if mode == "local":
-        utils._broadcast_from_rank0 = lambda t: t  # what each rank would pick on its own
+        losparse.distributed.broadcast_from_rank0 = lambda t: t  # what each rank would pick on its own
     torch.manual_seed(rank)  # different weights, data and gradients on each rank
     model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 16))
     utils.substitute_layer_weights(model, ["0", "2"], [], parameter_ratio=0.2)

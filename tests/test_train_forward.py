@@ -19,6 +19,7 @@ from torch import nn
 
 from conftest import REPO, build_tiny_model
 
+import losparse.layer
 import utils
 
 sys.path.insert(0, str(REPO / "benchmarks"))  # _opcount, bench_train
@@ -58,7 +59,7 @@ def _run(layer, fn, x, dtype):
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_merged_forward_matches_factored_formula(bias, shape, dtype):
     layer = _layer(bias)
-    assert utils._merge_pays(64, 48, 40)
+    assert losparse.layer.merge_pays(64, 48, 40)
     x = torch.randn(*shape)
     y, gx, g = _run(layer, layer, x, dtype)
     y_ref, gx_ref, g_ref = _run(layer, lambda t: _reference(layer, t), x, dtype)
@@ -81,8 +82,8 @@ def test_merged_forward_matches_factored_formula(bias, shape, dtype):
 
 
 def test_path_is_chosen_by_rows():
-    assert utils._merge_pays(384, 768, 768) and not utils._merge_pays(383, 768, 768)
-    assert utils._merge_pays(615, 768, 3072) and not utils._merge_pays(614, 768, 3072)  # 768*3072/3840 = 614.4
+    assert losparse.layer.merge_pays(384, 768, 768) and not losparse.layer.merge_pays(383, 768, 768)
+    assert losparse.layer.merge_pays(615, 768, 3072) and not losparse.layer.merge_pays(614, 768, 3072)  # 768*3072/3840 = 614.4
     layer = _layer(True)
     # below the boundary (48*40/88 = 21.8 rows) the layer runs the factored formula exactly
     x = torch.randn(2, 10, 48)
@@ -119,27 +120,27 @@ def test_activation_memory_equals_dense(dtype):
     for m in dense.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
-    losparse = copy.deepcopy(dense)
-    utils.substitute_layer_weights(losparse, ["query", "key", "value", "dense"], ["pooler", "classifier"],
+    compressed = copy.deepcopy(dense)
+    utils.substitute_layer_weights(compressed, ["query", "key", "value", "dense"], ["pooler", "classifier"],
                                    parameter_ratio=0.2)
     batch = {"input_ids": torch.randint(5, 60, (4, 24)), "labels": torch.tensor([0, 1, 0, 1])}
     with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-        got = _saved_activation_bytes(losparse, batch)
+        got = _saved_activation_bytes(compressed, batch)
         want = _saved_activation_bytes(dense, batch)
-        factored = utils._merge_pays
+        factored = losparse.layer.merge_pays
         try:  # the factored formula saves the low-rank activations x R^T as well
-            utils._merge_pays = lambda *a: False
-            before = _saved_activation_bytes(losparse, batch)
+            losparse.layer.merge_pays = lambda *a: False
+            before = _saved_activation_bytes(compressed, batch)
         finally:
-            utils._merge_pays = factored
+            losparse.layer.merge_pays = factored
     assert got == want
     assert before > got
 
 
 def _bert_ops(batch, seq, ratio=0.05):
     dense = build_tiny_model("bert").train()
-    losparse = copy.deepcopy(dense)
-    utils.substitute_layer_weights(losparse, ["query", "key", "value", "dense"], ["pooler", "classifier"],
+    compressed = copy.deepcopy(dense)
+    utils.substitute_layer_weights(compressed, ["query", "key", "value", "dense"], ["pooler", "classifier"],
                                    parameter_ratio=ratio)
     inputs = {"input_ids": torch.randint(5, 60, (batch, seq)), "labels": torch.zeros(batch, dtype=torch.long)}
 
@@ -147,18 +148,18 @@ def _bert_ops(batch, seq, ratio=0.05):
         model.zero_grad(set_to_none=True)
         model(**inputs).loss.backward()
 
-    return count_ops(lambda: step(dense)), count_ops(lambda: step(losparse))
+    return count_ops(lambda: step(dense)), count_ops(lambda: step(compressed))
 
 
 def test_training_step_op_count_close_to_dense():
     # 12 LoSparse layers of 32 x 32 / 32 x 64 at 96 rows: merged. Every layer adds 2 GEMMs forward+backward
     # for W (built, rebuilt) and 2 for the gradients of L and R: 4 ops, nothing else.
-    dense, losparse = _bert_ops(4, 24)
-    extra = {k: losparse.counts[k] - dense.counts.get(k, 0) for k in losparse.counts}
+    dense, compressed = _bert_ops(4, 24)
+    extra = {k: compressed.counts[k] - dense.counts.get(k, 0) for k in compressed.counts}
     assert extra["addmm"] == 2 * 12 and extra["mm"] == 2 * 12
-    assert losparse.total <= 1.3 * dense.total, (losparse.total, dense.total)
+    assert compressed.total <= 1.3 * dense.total, (compressed.total, dense.total)
     for k in ("as_strided", "new_zeros", "clone", "copy_"):  # no copies from adding in place into a view
-        assert losparse.counts[k] == dense.counts[k], k
+        assert compressed.counts[k] == dense.counts[k], k
 
 
 def _pruner_ops(method="mean", direction="row"):

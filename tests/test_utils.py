@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import losparse.importance
 import utils
 from conftest import build_tiny_model
 
@@ -568,11 +569,11 @@ def test_weighted_kth_matches_elementwise_kth(seed):
     weights = torch.randint(0, 5, (40,), generator=g)
     expanded = scores.repeat_interleave(weights)
     for k in range(1, expanded.numel() + 1):
-        assert utils._weighted_kth(scores, k, weights.double()) == torch.kthvalue(expanded, k)[0].item(), k
+        assert losparse.importance.weighted_kth(scores, k, weights.double()) == torch.kthvalue(expanded, k)[0].item(), k
     for k in range(1, scores.numel() + 1):
-        assert utils._weighted_kth(scores, k) == torch.kthvalue(scores, k)[0].item()
-        assert utils._weighted_kth(scores, k, torch.ones(40, dtype=torch.float64)) == torch.kthvalue(scores, k)[0].item()
-    assert utils._weighted_kth(scores, 0, weights.double()) == float("-inf") == utils._weighted_kth(scores, -3)
+        assert losparse.importance.weighted_kth(scores, k) == torch.kthvalue(scores, k)[0].item()
+        assert losparse.importance.weighted_kth(scores, k, torch.ones(40, dtype=torch.float64)) == torch.kthvalue(scores, k)[0].item()
+    assert losparse.importance.weighted_kth(scores, 0, weights.double()) == float("-inf") == losparse.importance.weighted_kth(scores, -3)
 
 
 def test_pruner_state_dict_format_is_unchanged():

@@ -21,6 +21,8 @@ import torch
 
 from conftest import REPO, run_script, save_tiny_model
 
+import losparse.checkpoint
+import losparse.runs
 import utils
 
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -83,7 +85,7 @@ def test_load_checkpoint_names_a_truncated_file_and_its_size(assets):
         assert "\n" not in msg
     for name in ("good.bin", "good.safetensors"):  # whole files pass the header check and load
         utils.check_checkpoint_file(assets / name, "--eval_checkpoint")
-        assert torch.equal(utils._read_state_dict(assets / name)["w"], torch.arange(4096, dtype=torch.float32))
+        assert torch.equal(losparse.checkpoint.read_state_dict(assets / name)["w"], torch.arange(4096, dtype=torch.float32))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,7 +298,7 @@ def hit(where, name):
         if state["count"] == kill["call"]:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: KeyboardInterrupt at the next bytecode, i.e. here
 
-orig_save, orig_finish, orig_backward = ackpt.save, utils._finish_checkpoint, accelerate.Accelerator.backward
+orig_save, orig_finish, orig_backward = ackpt.save, losparse.runs._finish_checkpoint, accelerate.Accelerator.backward
 def save(obj, f, *a, **k):
     hit("save", os.path.basename(os.path.dirname(str(f))))  # before the file is written
     return orig_save(obj, f, *a, **k)
@@ -306,11 +308,11 @@ def finish(tmp, out):
 def backward(self, loss, **k):
     hit("train", None)
     return orig_backward(self, loss, **k)
-ackpt.save, utils._finish_checkpoint, accelerate.Accelerator.backward = save, finish, backward
+ackpt.save, losparse.runs._finish_checkpoint, accelerate.Accelerator.backward = save, finish, backward
 
 for run in plan["runs"]:
     state.update(kill=run["kill"], count=0)
-    utils._LAST_CHECKPOINT.clear()
+    losparse.runs._LAST_CHECKPOINT.clear()
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     print("=== run", flush=True)

@@ -1,0 +1,225 @@
+"""Calibration statistics for the activation-aware SVD and the one-shot allocation.
+
+``collect_input_covariance`` (``C = E[x x^T]`` of each replaced layer's inputs), ``InputCovariances`` (the same a
+group of blocks at a time: streaming), ``collect_output_fisher`` (``F = E[(dLoss/dy)^2]`` of its outputs). Forward
+hooks and loops over batches; the maths that uses them is in ``losparse.decomposition`` and ``losparse.one_shot``.
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .common import logger
+from .substitute import linear_targets
+
+@torch.no_grad()
+def collect_input_covariance(model, batches, allow_name=None, block_name=None, names=None, chunk=4096,
+                             stop_early=False):
+    """Calibration: ``C = E[x x^T]`` of the inputs of the layers STEP 1 would replace, over ``batches``.
+
+    ``batches``: an iterable of dicts (``model(**batch)``) or tensors (``model(batch)``), e.g. a few blocks
+    of text; labels are dropped. Every token row counts once (pass unpadded blocks). The per-chunk products
+    ``x^T x`` (at most ``chunk`` rows) are taken in float32 and summed in float64. Layers called in a row
+    on the same input tensor (q/k/v, gate/up) share one accumulation and get the same ``C`` object.
+    ``names`` restricts the statistics to those layers (to bound memory on large models: one pass per group
+    of decoder blocks, each ``C`` used by :func:`substitute_layer_weights` and dropped; :class:`InputCovariances`
+    does that). ``stop_early``: end each forward pass once every layer in ``names`` has seen its input (the rest
+    of the model is not run; for a group of early blocks that saves most of the pass).
+
+    :return: ``{qualified layer name: C}`` (float64, on the layers' device); logs tokens, memory and time.
+    """
+
+    targets = _calibration_targets(model, allow_name, block_name, names, "collect_input_covariance")
+    sums, counts, owner, last, seen = {}, {}, {}, {"x": None, "name": None}, set()
+
+    def hook(name):
+        def pre(mod, args):
+            accumulate(name, args[0])
+            seen.add(name)
+            if stop_early and len(seen) == len(targets):
+                raise CalibrationDone
+        return pre
+
+    def accumulate(name, x):
+        if x is last["x"]:  # the same tensor as the previous layer: share its accumulation
+            if owner.setdefault(name, owner[last["name"]]) != owner[last["name"]]:
+                raise RuntimeError(f"collect_input_covariance: {name} changed its input sharing between batches")
+            return
+        if owner.setdefault(name, name) != name:
+            raise RuntimeError(f"collect_input_covariance: {name} changed its input sharing between batches")
+        last["x"], last["name"] = x, name
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        acc = sums.get(name)
+        if acc is None:
+            acc = sums[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64, device=x2.device)
+            counts[name] = 0
+        for i in range(0, x2.shape[0], chunk):
+            c = x2[i:i + chunk].float()
+            acc += (c.mT @ c).double()
+        counts[name] += x2.shape[0]
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets]
+    was_training = model.training
+    model.eval()
+    start, batches_seen = time.perf_counter(), 0
+    try:
+        for batch in batches:
+            last["x"] = last["name"] = None
+            seen.clear()
+            try:
+                run_batch(model, batch)
+            except CalibrationDone:
+                pass
+            batches_seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        last["x"] = None
+    missing = [n for n, _ in targets if n not in owner]
+    if missing:
+        raise RuntimeError(f"collect_input_covariance: {len(missing)} layers were never called, e.g. {missing[:3]}")
+    for n in sums:
+        sums[n] /= max(counts[n], 1)
+    covs = {n: sums[owner[n]] for n, _ in targets}
+    nbytes = sum(c.numel() * c.element_size() for c in sums.values())
+    logger.info("LoSparse calibration: %d batches, %d tokens, %d layers (%d distinct inputs), statistics %.1f MiB, "
+                "%.1f s", batches_seen, max(counts.values()), len(covs), len(sums), nbytes / 2 ** 20,
+                time.perf_counter() - start)
+    return covs
+
+
+class CalibrationDone(Exception):
+    """Raised by :func:`collect_input_covariance` (``stop_early``) to end a forward pass."""
+
+
+def block_key(name):
+    """``model.layers.3.mlp.up_proj`` -> ``model.layers.3``: the name up to its first numeric part (the block)."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[:i + 1])
+    return name
+
+
+class InputCovariances:
+    """Streaming calibration: the statistics of :func:`collect_input_covariance` a group of blocks at a time.
+
+    Holding ``C`` for every layer at once takes ``sum in^2`` float64 entries per distinct input: about 1.4 GB
+    per LLaMA-7B decoder block, 44 GB for the model. ``InputCovariances(model, batches, allow_name, block_name,
+    blocks_per_pass=1)`` holds none: ``stats.groups`` lists the layer names of each pass (``blocks_per_pass``
+    consecutive blocks, a block being the name up to its first numeric part, ``model.layers.3``), and
+    ``stats(names)`` runs the batches through the model once (stopped after the last of those layers) and returns
+    ``{name: C}`` for them. :func:`substitute_layer_weights` (``input_cov=stats``) and :func:`one_shot_allocate`
+    take it in place of the dict: they ask for one group at a time, the last group first, so that the layers they
+    have replaced are downstream of the ones being measured and every ``C`` is that of the original model (the
+    result equals the one of the dict). Peak memory: one group's statistics and SVDs. ``batches`` must be a
+    re-iterable sequence (a list), run once per group and twice per group by :func:`one_shot_allocate`.
+    """
+
+    def __init__(self, model, batches, allow_name=None, block_name=None, blocks_per_pass=1):
+        if not isinstance(blocks_per_pass, int) or blocks_per_pass < 1:
+            raise ValueError(f"blocks_per_pass must be an integer >= 1, got {blocks_per_pass!r}")
+        if iter(batches) is batches:
+            raise TypeError("InputCovariances: batches must be a re-iterable sequence (e.g. a list), not an iterator: "
+                            "it is run once per group of layers")
+        targets = _calibration_targets(model, allow_name, block_name, None, "InputCovariances")
+        self.model, self.batches, self.allow_name, self.block_name = model, batches, allow_name, block_name
+        blocks = []
+        for n, _ in targets:
+            if not blocks or block_key(n) != blocks[-1][0]:
+                blocks.append((block_key(n), []))
+            blocks[-1][1].append(n)
+        self.groups = [sum((names for _, names in blocks[i:i + blocks_per_pass]), [])
+                       for i in range(0, len(blocks), blocks_per_pass)]
+        self.names = [n for n, _ in targets]
+
+    def __call__(self, names):
+        logger.info("LoSparse streaming calibration: %d layers, from %s", len(names), names[0])
+        return collect_input_covariance(self.model, self.batches, self.allow_name, self.block_name, names=names,
+                                        stop_early=True)
+
+
+def _calibration_targets(model, allow_name, block_name, names, what):
+    targets = linear_targets(model, allow_name, block_name)
+    if names is not None:
+        unknown = sorted(set(names) - {n for n, _ in targets})
+        if unknown:
+            raise ValueError(f"names: {unknown[:3]} are not layers to replace (allow_name={allow_name})")
+        targets = [(n, m) for n, m in targets if n in set(names)]
+    if not targets:
+        raise ValueError(f"{what}: no nn.Linear matches allow_name={allow_name}")
+    return targets
+
+
+def collect_output_fisher(model, batches, allow_name=None, block_name=None, names=None):
+    """Calibration: ``F = E[(dLoss/dy)^2]`` per output feature of the layers STEP 1 would replace (diagonal Fisher).
+
+    ``Loss`` is the next-token cross-entropy of a causal LM, summed over the tokens of a batch (labels: the
+    batch's ``labels`` if it is a dict holding them, else its ``input_ids``; ``-100`` ignored), so ``dLoss/dy``
+    is each token's own gradient; ``F`` is the mean of its square over every token row of ``y``. One backward
+    pass per batch (``torch.autograd.grad`` on the layers' outputs; no parameter ``.grad`` is touched). With
+    ``C`` from :func:`collect_input_covariance`, ``1/2 sum_i F_i E[((W - W')_i x)^2]`` is the second-order
+    loss increase of replacing ``W`` by ``W'``, comparable across layers (:func:`one_shot_allocate`).
+
+    :return: ``{qualified layer name: F}`` (float64 vectors of ``out_features``); logs tokens and time.
+    """
+    targets = _calibration_targets(model, allow_name, block_name, names, "collect_output_fisher")
+    sums, counts, outs = {}, {}, []
+
+    def hook(name):
+        def fwd(mod, args, out):
+            if out.requires_grad:
+                outs.append((name, out))
+        return fwd
+
+    flags = [(m.weight, m.weight.requires_grad) for _, m in targets]
+    handles = [m.register_forward_hook(hook(n)) for n, m in targets]
+    was_training = model.training
+    model.eval()
+    start, tokens = time.perf_counter(), 0
+    try:
+        for w, _ in flags:
+            w.requires_grad_(True)  # so that every output is in the graph (no .grad is accumulated)
+        with torch.enable_grad():
+            for batch in batches:
+                outs.clear()
+                if isinstance(batch, dict):
+                    inputs = {k: v for k, v in batch.items() if k != "labels"}
+                    labels = batch.get("labels", batch.get("input_ids"))
+                else:
+                    inputs, labels = {"input_ids": batch}, batch
+                logits = model(**inputs).logits[:, :-1].float()
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                       ignore_index=-100, reduction="sum")
+                grads = torch.autograd.grad(loss, [o for _, o in outs], allow_unused=True)
+                for (n, o), g in zip(outs, grads):
+                    g2 = torch.zeros_like(o) if g is None else g.detach()
+                    g2 = g2.reshape(-1, g2.shape[-1]).double()
+                    if n not in sums:
+                        sums[n], counts[n] = torch.zeros(g2.shape[1], dtype=torch.float64, device=g2.device), 0
+                    sums[n] += (g2 * g2).sum(0)
+                    counts[n] += g2.shape[0]
+                tokens += int((labels[:, 1:] != -100).sum())
+                del logits, loss, grads
+    finally:
+        outs.clear()
+        for h in handles:
+            h.remove()
+        for w, flag in flags:
+            w.requires_grad_(flag)
+        model.train(was_training)
+    missing = [n for n, _ in targets if n not in sums]
+    if missing:
+        raise RuntimeError(f"collect_output_fisher: {len(missing)} layers were never called, e.g. {missing[:3]}")
+    fisher = {n: sums[n] / max(counts[n], 1) for n, _ in targets}
+    logger.info("LoSparse calibration (output Fisher): %d predicted tokens, %d layers, %.1f s", tokens, len(fisher),
+                time.perf_counter() - start)
+    return fisher
+
+
+def run_batch(model, batch):
+    """``model(**batch)`` without its labels, or ``model(batch)`` for a tensor (the calibration passes)."""
+    if isinstance(batch, dict):
+        return model(**{k: v for k, v in batch.items() if k != "labels"})
+    return model(batch)
