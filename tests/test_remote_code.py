@@ -252,7 +252,7 @@ def test_folder_contents_and_load_compact(exported, family):
     assert cfg["auto_map"][AUTO[family]].startswith("modeling_losparse.LoSparseFor")
     assert cfg["base_architecture"] == type(exported["models"][family]).__name__
     assert (folder / "modeling_losparse.py").read_bytes() == utils.REMOTE_CODE_FILE.read_bytes()
-    assert utils.REMOTE_CODE_FILE == REPO / "remote_code" / "modeling_losparse.py"
+    assert utils.REMOTE_CODE_FILE == REPO / "losparse" / "remote_code" / "modeling_losparse.py"
     assert (folder / "tokenizer_config.json").is_file()
     assert (folder / "generation_config.json").is_file() == (family in ("llama", "qwen2", "bart"))
     rep = utils.compression_report(exported["models"][family])
