@@ -712,10 +712,9 @@ def main(argv=None):
     # (which dropout uses), and the training order of epoch e is reseeded to data_seed + e, so a resume is exact.
     eval_dataloader = DataLoader(eval_dataset, collate_fn=default_data_collator,
                                  batch_size=args.per_device_eval_batch_size, generator=torch.Generator())
-    utils_fsdp = None  # FSDP2 only: the module with its wiring, next to utils.py
-    if args.fsdp2 or getattr(accelerator, "is_fsdp2", False):  # bigger than one GPU: ranks hold whole rows
-        import utils_fsdp
-        model = utils_fsdp.apply_fsdp2(model, accelerator)
+    fsdp2 = args.fsdp2 or getattr(accelerator, "is_fsdp2", False)  # bigger than one GPU: ranks hold whole rows
+    if fsdp2:
+        model = utils.apply_fsdp2(model, accelerator)
     pruner, train_state = None, None
     if do_train:
         train_generator = torch.Generator()
@@ -735,8 +734,8 @@ def main(argv=None):
 
         # Prepare everything with our `accelerator`; the train dataloader first, its length may change.
         model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
-        if utils_fsdp is not None:  # FSDP2: save_state writes full, 1-process files
-            utils_fsdp.fsdp2_checkpointing(accelerator, model, optimizer)
+        if fsdp2:  # FSDP2: save_state writes full, 1-process files
+            utils.fsdp2_checkpointing(accelerator, model, optimizer)
 
         # Scheduler and math around the number of training steps.
         num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
@@ -927,8 +926,8 @@ def main(argv=None):
     results["block_size"] = block_size
 
     unwrapped_model = accelerator.unwrap_model(model)
-    if utils_fsdp is not None:  # FSDP2: gather the full weights
-        unwrapped_model = utils_fsdp.fsdp2_full_model(unwrapped_model)
+    if fsdp2:  # FSDP2: gather the full weights
+        unwrapped_model = utils.fsdp2_full_model(unwrapped_model)
     report = utils.compression_report(unwrapped_model)
     if accelerator.is_main_process and not args.no_losparse:
         logger.info("LoSparse compression report\n" + report.table())

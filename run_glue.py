@@ -542,10 +542,9 @@ def main(argv=None):
     eval_dataloaders = {split: DataLoader(processed_datasets[split], collate_fn=data_collator,
                                           batch_size=args.per_device_eval_batch_size, generator=torch.Generator())
                         for split in eval_splits}
-    utils_fsdp = None  # FSDP2 only: the module with its wiring, next to utils.py
-    if args.fsdp2 or getattr(accelerator, "is_fsdp2", False):  # bigger than one GPU: ranks hold whole rows
-        import utils_fsdp
-        model = utils_fsdp.apply_fsdp2(model, accelerator)
+    fsdp2 = args.fsdp2 or getattr(accelerator, "is_fsdp2", False)  # bigger than one GPU: ranks hold whole rows
+    if fsdp2:
+        model = utils.apply_fsdp2(model, accelerator)
     pruner, train_state = None, None
     if do_train:
         train_generator = torch.Generator()
@@ -565,8 +564,8 @@ def main(argv=None):
 
         # Prepare everything with our `accelerator`; the train dataloader first, its length may change.
         model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
-        if utils_fsdp is not None:  # FSDP2: save_state writes full, 1-process files
-            utils_fsdp.fsdp2_checkpointing(accelerator, model, optimizer)
+        if fsdp2:  # FSDP2: save_state writes full, 1-process files
+            utils.fsdp2_checkpointing(accelerator, model, optimizer)
 
         # Scheduler and math around the number of training steps.
         num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
@@ -784,8 +783,8 @@ def main(argv=None):
         results.update({f"eval_{k}_mm": v for k, v in mm.items()})
 
     unwrapped_model = accelerator.unwrap_model(model)
-    if utils_fsdp is not None:  # FSDP2: gather the full weights
-        unwrapped_model = utils_fsdp.fsdp2_full_model(unwrapped_model)
+    if fsdp2:  # FSDP2: gather the full weights
+        unwrapped_model = utils.fsdp2_full_model(unwrapped_model)
     report = utils.compression_report(unwrapped_model)
     if accelerator.is_main_process:
         logger.info("LoSparse compression report\n" + report.table())

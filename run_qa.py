@@ -438,10 +438,9 @@ def main():
         predict_dataloader = DataLoader(predict_dataset.remove_columns(["example_id", "offset_mapping"]),
                                         collate_fn=data_collator, batch_size=args.per_device_eval_batch_size)
 
-    utils_fsdp = None  # FSDP2 only: the module with its wiring, next to utils.py
-    if args.fsdp2 or getattr(accelerator, "is_fsdp2", False):  # bigger than one GPU: ranks hold whole rows
-        import utils_fsdp
-        model = utils_fsdp.apply_fsdp2(model, accelerator)
+    fsdp2 = args.fsdp2 or getattr(accelerator, "is_fsdp2", False)  # bigger than one GPU: ranks hold whole rows
+    if fsdp2:
+        model = utils.apply_fsdp2(model, accelerator)
     if not do_train:
         model, eval_dataloader = accelerator.prepare(model, eval_dataloader)
         train_dataloader = None
@@ -466,8 +465,8 @@ def main():
         # Prepare everything with our `accelerator`; the schedule is sized on the prepared (sharded) dataloader.
         model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
             model, optimizer, train_dataloader, eval_dataloader)
-        if utils_fsdp is not None:  # FSDP2: save_state writes full, 1-process files
-            utils_fsdp.fsdp2_checkpointing(accelerator, model, optimizer)
+        if fsdp2:  # FSDP2: save_state writes full, 1-process files
+            utils.fsdp2_checkpointing(accelerator, model, optimizer)
         num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
         if args.max_train_steps is None:
             args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
@@ -694,8 +693,8 @@ def main():
     if args.output_dir is not None:
         accelerator.wait_for_everyone()
         unwrapped_model = accelerator.unwrap_model(model)
-        if utils_fsdp is not None:  # FSDP2: gather the full weights
-            unwrapped_model = utils_fsdp.fsdp2_full_model(unwrapped_model)
+        if fsdp2:  # FSDP2: gather the full weights
+            unwrapped_model = utils.fsdp2_full_model(unwrapped_model)
         if args.eval_checkpoint is None:
             unwrapped_model.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
                                             save_function=accelerator.save)

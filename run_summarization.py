@@ -641,10 +641,9 @@ def main():
         test_dataloader = DataLoader(test_dataset, collate_fn=data_collator, batch_size=args.per_device_eval_batch_size,
                                      generator=torch.Generator().manual_seed(0))
 
-    utils_fsdp = None  # FSDP2 only: the module with its wiring, next to utils.py
-    if args.fsdp2 or getattr(accelerator, "is_fsdp2", False):  # bigger than one GPU: ranks hold whole rows
-        import utils_fsdp
-        model = utils_fsdp.apply_fsdp2(model, accelerator)
+    fsdp2 = args.fsdp2 or getattr(accelerator, "is_fsdp2", False)  # bigger than one GPU: ranks hold whole rows
+    if fsdp2:
+        model = utils.apply_fsdp2(model, accelerator)
     # Optimizer. Split weights in two groups, one with weight decay and the other not.
     no_decay = ["bias", "LayerNorm.weight", "layer_norm.weight"]
     optimizer_grouped_parameters = [
@@ -669,8 +668,8 @@ def main():
     # Prepare everything with our `accelerator`.
     model, optimizer, eval_dataloader, lr_scheduler = accelerator.prepare(model, optimizer, eval_dataloader,
                                                                           lr_scheduler)
-    if utils_fsdp is not None:  # FSDP2: save_state writes full, 1-process files
-        utils_fsdp.fsdp2_checkpointing(accelerator, model, optimizer)
+    if fsdp2:  # FSDP2: save_state writes full, 1-process files
+        utils.fsdp2_checkpointing(accelerator, model, optimizer)
     if train_dataloader is not None:
         train_dataloader = accelerator.prepare(train_dataloader)
     if test_dataloader is not None:
@@ -836,8 +835,8 @@ def main():
     if args.output_dir is not None:
         accelerator.wait_for_everyone()
         unwrapped_model = accelerator.unwrap_model(model)
-        if utils_fsdp is not None:  # FSDP2: gather the full weights
-            unwrapped_model = utils_fsdp.fsdp2_full_model(unwrapped_model)
+        if fsdp2:  # FSDP2: gather the full weights
+            unwrapped_model = utils.fsdp2_full_model(unwrapped_model)
         unwrapped_model.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process)
         if accelerator.is_main_process:
             tokenizer.save_pretrained(args.output_dir)

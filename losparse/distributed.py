@@ -142,7 +142,7 @@ def distribution_for(named_params, masked=lambda name: True):
                 group = p.device_mesh.get_group()
             continue
         if hasattr(p, "ds_id") or hasattr(p, "ds_numel") or type(p).__name__ in ("FlatParameter", "DTensor") or \
-                getattr(p, "is_sharded", False):
+                getattr(p, "_is_sharded", False):
             raise RuntimeError(
                 f"Pruner: parameter {n!r} is sharded in a way LoSparse cannot prune (DeepSpeed ZeRO-3, FSDP1 flat "
                 "parameters, tensor parallel or a 2-D mesh): use a single process or DDP (accelerate launch "

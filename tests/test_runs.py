@@ -283,6 +283,7 @@ sys.path.insert(0, sys.argv[1])
 import accelerate
 import accelerate.checkpointing as ackpt
 from accelerate.state import AcceleratorState, GradientState
+import losparse.runs
 import run_glue, utils
 
 plan = json.loads(sys.argv[2])
