@@ -318,8 +318,12 @@ def _check_args(parser, args):
         elif args.train_file is None and args.dataset_name is None:
             parser.error("--init calibrated / --one_shot need calibration text: pass --calibration_file or "
                          "--train_file")
-        if args.one_shot and args.resume_from_checkpoint is not None:
-            parser.error("--one_shot with --resume_from_checkpoint: the resumed state already holds the pruned rows")
+        if args.one_shot and args.structured_direction != "row":
+            parser.error(f"--one_shot keeps whole rows of S: --structured_direction {args.structured_direction} "
+                         "cannot go on from them (use --structured_direction row)")
+        if args.one_shot and args.structured_method == "none":
+            parser.error("--one_shot keeps whole rows of S: --structured_method none (unstructured) cannot go on from "
+                         "them (use --structured_method mean, sum, max or min)")
         if args.init == "calibrated" and args.one_shot and args.svd == "randomized":
             parser.error("--svd randomized has no effect with --init calibrated --one_shot: the allocation needs "
                          "every singular value of each whitened matrix (full SVDs; --svd auto picks them); use "
@@ -605,6 +609,8 @@ def main(argv=None):
                 source = f"--validation_file {args.validation_file}"
             elif split == "train" and args.train_file is not None:
                 source = f"--train_file {args.train_file}"
+            elif split == "calibration":
+                source = f"--calibration_file {args.calibration_file}"
             elif args.train_file is not None:
                 source = (f"the validation part ({args.validation_split_percentage} %) of --train_file "
                           f"{args.train_file}")
@@ -621,6 +627,16 @@ def main(argv=None):
             raise SystemExit("run_clm.py: error: --init calibrated / --one_shot: no calibration text (pass "
                              "--calibration_file)")
         calibration_dataset = calibration_dataset.select(range(min(args.calibration_samples, len(calibration_dataset))))
+    # A resumed run takes every layer's rank and kept rows (a one-shot allocation gives each layer its own) and every
+    # weight from its checkpoint: STEP 1 then runs no calibration and no SVD.
+    checkpoint_path = None
+    if do_train and args.resume_from_checkpoint is not None:
+        checkpoint_path = args.resume_from_checkpoint
+        if checkpoint_path == "latest":  # e.g. a job that is resubmitted until it finishes
+            checkpoint_path = _latest_checkpoint(args.output_dir)
+            if checkpoint_path is None:
+                logger.info(f"--resume_from_checkpoint latest: no step_N / epoch_N folder in {args.output_dir} yet, "
+                            "starting from scratch")
 
     # Load pretrained model
     dtype = TORCH_DTYPES[args.torch_dtype]
@@ -643,7 +659,7 @@ def main(argv=None):
     allocates = not args.no_losparse and args.init == "calibrated" and args.one_shot
     if not args.no_losparse:
         input_cov = output_fisher = None
-        if calibrates:
+        if calibrates and checkpoint_path is None:
             if accelerator.num_processes == 1:
                 model.to(accelerator.device)
             ids = torch.tensor(calibration_dataset["input_ids"], device=model.device)
@@ -660,7 +676,7 @@ def main(argv=None):
                     output_fisher = utils.collect_output_fisher(model, calib_batches, allow_name, block_name)
             except (ValueError, RuntimeError) as e:
                 raise SystemExit(f"run_clm.py: error: calibration: {e}")
-    if allocates:
+    if allocates and checkpoint_path is None:
         # --init calibrated --one_shot: one budget, (--low_rank_parameter_ratio + --final_threshold) of the replaced
         # matrices, shared out over ranks and kept rows of S of every layer by the second-order loss increase
         # (two-sided whitened SVD with the output Fisher; utils.one_shot_allocate). PLATON then goes on at the
@@ -686,7 +702,7 @@ def main(argv=None):
                                                       allow_name=allow_name,
                                                       block_name=block_name,
                                                       parameter_ratio=args.low_rank_parameter_ratio,
-                                                      do_svd=args.eval_checkpoint is None,
+                                                      do_svd=args.eval_checkpoint is None and checkpoint_path is None,
                                                       svd=args.svd,
                                                       input_cov=input_cov if args.init == "calibrated" else None)
         except (TypeError, ValueError, RuntimeError) as e:
@@ -694,9 +710,20 @@ def main(argv=None):
         if not replaced:
             raise SystemExit(f"run_clm.py: error: STEP 1 replaced no nn.Linear with allow_name {allow_name}; pass "
                              "--allow_name with the names of the model's projections")
-        if args.one_shot:  # keep --final_threshold of S: the rows with the most output energy, all layers together
-            utils.one_shot_rows(model, input_cov, args.final_threshold)
+        if args.one_shot and checkpoint_path is None:  # keep --final_threshold of S: the rows with the most output
+            utils.one_shot_rows(model, input_cov, args.final_threshold)  # energy, all layers together
         del input_cov
+    if checkpoint_path is not None and not args.no_losparse:  # each layer at the rank and rows of the checkpoint
+        try:
+            utils.load_checkpoint(model, checkpoint_path)
+        except (utils.CheckpointMismatchError, utils.CheckpointFileError, FileNotFoundError) as e:
+            raise SystemExit(f"run_clm.py: error: --resume_from_checkpoint {checkpoint_path}: {e}")
+        if allocates:  # the Pruner goes on at the fraction of S the allocation kept (its nonzero rows)
+            layers = [m for m in model.modules() if isinstance(m, utils.LinearLoSparse)]
+            kept_s = sum(m.kept_rows * m.in_feature for m in layers)
+            all_s = sum(m.out_feature * m.in_feature for m in layers)
+            args.initial_threshold = args.final_threshold = max(kept_s, 1) / all_s
+            logger.info(f"One-shot allocation of {checkpoint_path}: kept rows of S: {args.final_threshold:.6f} of S")
     if args.eval_checkpoint is not None:
         try:
             utils.load_checkpoint(model, args.eval_checkpoint)
@@ -768,7 +795,8 @@ def main(argv=None):
                                   mask_param_name=["sparse"],
                                   pruner_name=args.pruner_name,
                                   structured_method=args.structured_method,
-                                  structured_direction=args.structured_direction)
+                                  structured_direction=args.structured_direction,
+                                  keep_zero_rows=args.one_shot)  # rows pruned in STEP 1 stay pruned
             accelerator.register_for_checkpointing(pruner)
     else:
         model = accelerator.prepare(model)
@@ -803,7 +831,7 @@ def main(argv=None):
     if checkpointing_steps is not None and checkpointing_steps.isdigit():
         checkpointing_steps = int(checkpointing_steps)
 
-    if args.one_shot and do_train and not args.resume_from_checkpoint:  # the perplexity before any training
+    if args.one_shot and do_train and checkpoint_path is None:  # the perplexity before any training
         one_shot_metrics = evaluate()
         logger.info(f"one-shot (no training): perplexity {one_shot_metrics['perplexity']:.4f}")
 
@@ -831,16 +859,12 @@ def main(argv=None):
         # Only show the progress bar once on each machine.
         progress_bar = tqdm(range(args.max_train_steps), disable=not accelerator.is_local_main_process)
         starting_epoch, resume_batches = 0, 0
-        # Potentially load in the weights and states from a previous save
-        checkpoint_path = args.resume_from_checkpoint
-        if checkpoint_path == "latest":  # e.g. a job that is resubmitted until it finishes
-            checkpoint_path = _latest_checkpoint(args.output_dir)
-            if checkpoint_path is None:
-                logger.info(f"--resume_from_checkpoint latest: no step_N / epoch_N folder in {args.output_dir} yet, "
-                            "starting from scratch")
+        # Potentially load in the weights and states from a previous save (checkpoint_path: found before STEP 1)
         if checkpoint_path:
             accelerator.print(f"Resumed from checkpoint: {checkpoint_path}")
-            accelerator.load_state(checkpoint_path)
+            # utils.load_checkpoint loaded the model strictly in STEP 1; safetensors keeps the empty L and R of a
+            # rank-0 layer (one-shot allocations) once, as shared storage, which accelerate's strict load refuses.
+            accelerator.load_state(checkpoint_path, **({} if args.no_losparse else {"strict": False}))
             completed_steps = train_state.completed_steps
             data_seed = train_state.data_seed
             # Optimizer steps -> (epoch, batches into it): every epoch ends with a (possibly short) accumulation.

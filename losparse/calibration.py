@@ -3,6 +3,7 @@
 ``collect_input_covariance`` (``C = E[x x^T]`` of each replaced layer's inputs), ``InputCovariances`` (the same a
 group of blocks at a time: streaming), ``collect_output_fisher`` (``F = E[(dLoss/dy)^2]`` of its outputs). Forward
 hooks and loops over batches; the maths that uses them is in ``losparse.decomposition`` and ``losparse.one_shot``.
+Padding is left out of every statistic (``token_mask``: the rows of a batch's ``attention_mask``).
 """
 import time
 
@@ -18,9 +19,12 @@ def collect_input_covariance(model, batches, allow_name=None, block_name=None, n
     """Calibration: ``C = E[x x^T]`` of the inputs of the layers STEP 1 would replace, over ``batches``.
 
     ``batches``: an iterable of dicts (``model(**batch)``) or tensors (``model(batch)``), e.g. a few blocks
-    of text; labels are dropped. Every token row counts once (pass unpadded blocks). The per-chunk products
-    ``x^T x`` (at most ``chunk`` rows) are taken in float32 and summed in float64. Layers called in a row
-    on the same input tensor (q/k/v, gate/up) share one accumulation and get the same ``C`` object.
+    of text; labels are dropped. Every token row counts once, padding never: where a dict batch holds an
+    ``attention_mask`` of the inputs' leading shape (batch, seq), only its nonzero positions are accumulated and
+    counted (:func:`token_mask`), so right-padded texts give the statistics of the texts alone; inputs of
+    another shape (an encoder-decoder's decoder) count every row. The per-chunk products ``x^T x`` (at most
+    ``chunk`` rows) are taken in float32 and summed in float64. Layers called in a row on the same input tensor
+    (q/k/v, gate/up) share one accumulation and get the same ``C`` object.
     ``names`` restricts the statistics to those layers (to bound memory on large models: one pass per group
     of decoder blocks, each ``C`` used by :func:`substitute_layer_weights` and dropped; :class:`InputCovariances`
     does that). ``stop_early``: end each forward pass once every layer in ``names`` has seen its input (the rest
@@ -31,6 +35,7 @@ def collect_input_covariance(model, batches, allow_name=None, block_name=None, n
 
     targets = _calibration_targets(model, allow_name, block_name, names, "collect_input_covariance")
     sums, counts, owner, last, seen = {}, {}, {}, {"x": None, "name": None}, set()
+    mask, keeps = None, {}  # the batch's attention mask; its token rows to keep per (input shape, device)
 
     def hook(name):
         def pre(mod, args):
@@ -48,7 +53,7 @@ def collect_input_covariance(model, batches, allow_name=None, block_name=None, n
         if owner.setdefault(name, name) != name:
             raise RuntimeError(f"collect_input_covariance: {name} changed its input sharing between batches")
         last["x"], last["name"] = x, name
-        x2 = x.detach().reshape(-1, x.shape[-1])
+        x2 = _unpadded(x.detach().reshape(-1, x.shape[-1]), x.shape[:-1], mask, keeps)
         acc = sums.get(name)
         if acc is None:
             acc = sums[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64, device=x2.device)
@@ -66,6 +71,7 @@ def collect_input_covariance(model, batches, allow_name=None, block_name=None, n
         for batch in batches:
             last["x"] = last["name"] = None
             seen.clear()
+            mask, keeps = attention_mask(batch), {}
             try:
                 run_batch(model, batch)
             except CalibrationDone:
@@ -87,6 +93,33 @@ def collect_input_covariance(model, batches, allow_name=None, block_name=None, n
                 "%.1f s", batches_seen, max(counts.values()), len(covs), len(sums), nbytes / 2 ** 20,
                 time.perf_counter() - start)
     return covs
+
+
+def attention_mask(batch):
+    """The ``attention_mask`` of a dict batch, else None (a tensor of input ids has no padding)."""
+    return batch.get("attention_mask") if isinstance(batch, dict) else None
+
+
+def token_mask(mask, shape):
+    """The token rows to count in the statistics of inputs of leading shape ``shape`` (``x.shape[:-1]``), flattened
+    to match ``x.reshape(-1, x.shape[-1])``: ``mask != 0`` where ``mask`` (a batch's attention mask, or None) has
+    that shape, so that padding adds nothing; None (every row) when it keeps every position (no copy needed) or has
+    another shape (e.g. the decoder of an encoder-decoder, whose inputs have another length than the mask's)."""
+    if mask is None or tuple(mask.shape) != tuple(shape):
+        return None
+    keep = mask.reshape(-1) != 0
+    return None if bool(keep.all()) else keep
+
+
+def _unpadded(rows, shape, mask, keeps):
+    """``rows`` (inputs of leading shape ``shape``, flattened) less the padding of ``mask`` (:func:`token_mask`),
+    the same tensor when nothing is padded. ``keeps``: the batch's masks by shape and device, so each is computed
+    once per batch and not once per layer."""
+    key = (tuple(shape), rows.device)
+    if key not in keeps:
+        keep = token_mask(mask, shape)
+        keeps[key] = None if keep is None else keep.to(rows.device)
+    return rows if keeps[key] is None else rows[keeps[key]]
 
 
 class CalibrationDone(Exception):
@@ -156,9 +189,11 @@ def collect_output_fisher(model, batches, allow_name=None, block_name=None, name
     """Calibration: ``F = E[(dLoss/dy)^2]`` per output feature of the layers STEP 1 would replace (diagonal Fisher).
 
     ``Loss`` is the next-token cross-entropy of a causal LM, summed over the tokens of a batch (labels: the
-    batch's ``labels`` if it is a dict holding them, else its ``input_ids``; ``-100`` ignored), so ``dLoss/dy``
-    is each token's own gradient; ``F`` is the mean of its square over every token row of ``y``. One backward
-    pass per batch (``torch.autograd.grad`` on the layers' outputs; no parameter ``.grad`` is touched). With
+    batch's ``labels`` if it is a dict holding them, else its ``input_ids``; ``-100`` ignored, and so are the
+    positions where the batch's ``attention_mask`` of the labels' shape is 0: padding is never a target), so
+    ``dLoss/dy`` is each token's own gradient; ``F`` is the mean of its square over the token rows of ``y``,
+    padding left out as in :func:`collect_input_covariance` (its gradient is 0 and would dilute the mean). One
+    backward pass per batch (``torch.autograd.grad`` on the layers' outputs; no parameter ``.grad`` is touched). With
     ``C`` from :func:`collect_input_covariance`, ``1/2 sum_i F_i E[((W - W')_i x)^2]`` is the second-order
     loss increase of replacing ``W`` by ``W'``, comparable across layers (:func:`one_shot_allocate`).
 
@@ -189,13 +224,17 @@ def collect_output_fisher(model, batches, allow_name=None, block_name=None, name
                     labels = batch.get("labels", batch.get("input_ids"))
                 else:
                     inputs, labels = {"input_ids": batch}, batch
+                mask, keeps = attention_mask(batch), {}
+                keep = token_mask(mask, labels.shape)
+                if keep is not None:  # pads are no targets (a new tensor: the batch's own labels are left as they are)
+                    labels = labels.masked_fill(~keep.to(labels.device).view(labels.shape), -100)
                 logits = model(**inputs).logits[:, :-1].float()
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                        ignore_index=-100, reduction="sum")
                 grads = torch.autograd.grad(loss, [o for _, o in outs], allow_unused=True)
                 for (n, o), g in zip(outs, grads):
                     g2 = torch.zeros_like(o) if g is None else g.detach()
-                    g2 = g2.reshape(-1, g2.shape[-1]).double()
+                    g2 = _unpadded(g2.reshape(-1, g2.shape[-1]), o.shape[:-1], mask, keeps).double()
                     if n not in sums:
                         sums[n], counts[n] = torch.zeros(g2.shape[1], dtype=torch.float64, device=g2.device), 0
                     sums[n] += (g2 * g2).sum(0)

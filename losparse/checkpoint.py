@@ -125,8 +125,12 @@ def _place_kept_rows(sd, prefix):
 
 
 def _layer_for(sd, prefix, in_f, out_f, has_bias, like):
-    """Build a LinearLoSparse shaped like the checkpoint entries under ``prefix``."""
-    rank = sd[prefix + "left.weight"].shape[1]
+    """Build a LinearLoSparse shaped like the checkpoint entries under ``prefix``. A rank-0 layer's empty L and R
+    may be absent (safetensors writers keep zero-element tensors once, as shared storage): rank 0."""
+    if prefix + "left.weight" in sd:
+        rank = sd[prefix + "left.weight"].shape[1]
+    else:
+        rank = sd[prefix + "right.weight"].shape[0] if prefix + "right.weight" in sd else 0
     compact = prefix + "sparse_weight_pruned" in sd
     cols = prefix + "sparse_weight_pruned_cols" in sd
     has_sparse = compact or cols or prefix + "sparse.weight" in sd
@@ -142,10 +146,13 @@ def _layer_for(sd, prefix, in_f, out_f, has_bias, like):
 
 
 def _reshape_layers_like(target, sd):
-    """Give each layer of ``target`` that ``sd`` holds as LoSparse (a ``left.weight`` key) the file's rank and
-    compaction: a :class:`LinearLoSparse` or ``nn.Linear`` is replaced where its shapes differ from the file's."""
+    """Give each layer of ``target`` that ``sd`` holds as LoSparse (a ``left.weight``, ``right.weight`` or ``sparse``
+    key) the file's rank and compaction: a :class:`LinearLoSparse` or ``nn.Linear`` is replaced where its shapes
+    differ from the file's."""
     modules = dict(target.named_modules())
-    for prefix in sorted({k[: -len("left.weight")] for k in sd if k.endswith("left.weight")}):
+    suffixes = ("left.weight", "right.weight", "sparse.weight", "sparse_weight_pruned", "sparse_weight_pruned_cols")
+    prefixes = {k[: -len(s)] for k in sd for s in suffixes if k.endswith("." + s)}
+    for prefix in sorted(prefixes):
         name = prefix[:-1]
         mod = modules.get(name)
         if isinstance(mod, LinearLoSparse):
@@ -163,9 +170,11 @@ def _reshape_layers_like(target, sd):
 
 
 def _checkpoint_mismatch(target, own, sd):
-    """:func:`unmatched_keys`, forgiving tied parameters (e.g. lm_head <-> embeddings) saved once and buffers that
-    this transformers version no longer persists (e.g. position_ids) present in older files."""
+    """:func:`unmatched_keys`, forgiving tied parameters (e.g. lm_head <-> embeddings) saved once, zero-element
+    tensors (L and R of a rank-0 layer) that safetensors writers keep once as shared storage, and buffers that this
+    transformers version no longer persists (e.g. position_ids) present in older files."""
     missing, unexpected, mismatched = unmatched_keys(own, sd)
+    missing = [k for k in missing if own[k].numel()]
     ptr_keys = {}
     for k, v in own.items():
         ptr_keys.setdefault(v.data_ptr(), []).append(k)

@@ -55,6 +55,10 @@ class Local:
         """This rank's part of a single-process statistic ``t`` of ``p`` (``load_state_dict``)."""
         return t
 
+    def whole_rows(self, t, p):
+        """A per-row tensor ``t`` of this rank's rows of ``p``, completed with every rank's rows."""
+        return t
+
 
 class Replicated(Local):
     """DDP: every rank holds every matrix and the all-reduced gradients, so the statistics agree; at a mask step
@@ -130,6 +134,9 @@ class RowShards(Local):
             start, end = row_range(p)
             return t[start:end]
         return t
+
+    def whole_rows(self, t, p):
+        return all_gather_rows(t.contiguous(), self.group) if is_sharded(p) else t
 
 
 def distribution_for(named_params, masked=lambda name: True):

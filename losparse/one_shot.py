@@ -12,7 +12,7 @@ import types
 import torch
 from torch import nn
 
-from .calibration import CalibrationDone, block_key, run_batch
+from .calibration import CalibrationDone, attention_mask, block_key, run_batch, token_mask
 from .common import logger, set_submodule
 from .decomposition import low_rank_decomposition, whitening
 from .layer import LinearLoSparse
@@ -258,12 +258,14 @@ def _sequential_refit(module, linears, built, plan, batches, output_fisher, refi
     is refitted, at its rank and number of kept rows, to the original layers' outputs ``W x`` given the inputs
     ``x~`` the compressed blocks upstream produce: ``W' = argmin (1 - damp) E||W x - W' x~||^2 + damp
     E||(W - W') x||^2`` over the LoSparse form, i.e. the fit of ``W_eff = W N M^-1`` whitened by ``M``, with
-    ``M = (1 - damp) E[x~ x~^T] + damp E[x x^T]`` and ``N = (1 - damp) E[x x~^T] + damp E[x x^T]``.
+    ``M = (1 - damp) E[x~ x~^T] + damp E[x x^T]`` and ``N = (1 - damp) E[x x~^T] + damp E[x x^T]``, the
+    expectations over the token rows of every batch, its padding left out (``token_mask`` of its attention mask).
     Returns the summed weighted error."""
     prefix, blocks, holding = _blocks_of(module, list(built), "one_shot_allocate(sequential=...)")
     first, last = min(holding), max(holding)
     calls, hidden = {i: [] for i in range(first, last + 1)}, []  # each block's own arguments (models with sliding-
     # window and full-attention layers give each block its own mask), one forward pass per batch
+    masks = []  # each batch's attention mask (or None): its padding is left out of the statistics
 
     def capture(i):
         def pre(mod, args, kwargs):
@@ -284,6 +286,7 @@ def _sequential_refit(module, linears, built, plan, batches, output_fisher, refi
     handles = [blocks[i].register_forward_pre_hook(capture(i), with_kwargs=True) for i in calls]
     try:
         for batch in batches:
+            masks.append(attention_mask(batch))
             try:
                 run_batch(module, batch)
             except CalibrationDone:
@@ -291,7 +294,7 @@ def _sequential_refit(module, linears, built, plan, batches, output_fisher, refi
     finally:
         for handle in handles:
             handle.remove()
-    if not hidden or any(len(c) != len(hidden) for c in calls.values()):
+    if not hidden or len(hidden) != len(masks) or any(len(c) != len(hidden) for c in calls.values()):
         raise ValueError("one_shot_allocate(sequential=...): the calibration batches did not run every block once")
     dense_h, comp_h = hidden, list(hidden)
     total = 0.0
@@ -323,6 +326,7 @@ def _sequential_refit(module, linears, built, plan, batches, output_fisher, refi
         missing = sorted(set(names) - {m for g in groups for m in g})
         if missing:
             raise RuntimeError(f"one_shot_allocate(sequential=...): {missing[:3]} were never called in their block")
+        keeps = {}  # (batch, input shape): its token rows, computed once per batch and block
         for group in groups:
             cross = cov = dcov = None
             count = 0
@@ -333,7 +337,13 @@ def _sequential_refit(module, linears, built, plan, batches, output_fisher, refi
                 finally:
                     use("built")
                 xt = _input_at(block, block.get_submodule(rel[group[0]]), comp_h[b], calls[i][b])
+                key = (b, tuple(x.shape[:-1]))
+                if key not in keeps:  # once per batch and block: every group of the block shares it
+                    keep = token_mask(masks[b], x.shape[:-1])
+                    keeps[key] = None if keep is None else keep.to(x.device)
                 x, xt = x.reshape(-1, x.shape[-1]), xt.reshape(-1, xt.shape[-1])
+                if keeps[key] is not None:  # x and x~ are the same tokens: the same rows are padding
+                    x, xt = x[keeps[key]], xt[keeps[key]]
                 if cov is None:
                     cov = torch.zeros(xt.shape[1], xt.shape[1], dtype=torch.float64, device=xt.device)
                     cross, dcov = torch.zeros_like(cov), torch.zeros_like(cov)
@@ -396,14 +406,14 @@ def one_shot_allocate(module, input_cov, output_fisher, kept_fraction, allow_nam
     ``parts``: ``("lowrank", "rows")`` (LoSparse), ``("lowrank",)`` (low rank only, S absent) or ``("rows",)``
     (rows of W only, rank 0).
 
-    ``sequential``: calibration batches (as for :func:`collect_input_covariance`; may be the same ones). Then, with
-    the ranks and numbers of kept rows chosen as above, the layers are refitted block by block (a block: an entry
-    of the ``nn.ModuleList`` holding them, e.g. ``model.layers.3``), each group of layers sharing an input in call
-    order, to the original layers' outputs given the inputs the already compressed blocks produce (SVD-LLM's
-    sequential update, extended to the rows of S): ``min (1 - a) E||W x - W' x~||^2 + a E||(W - W') x||^2``
-    (``a = sequential_damp`` in (0, 1]: 1 gives back the fit to the original inputs; the second term keeps the
-    refit from overfitting the calibration tokens), solved exactly over the layer's form as the fit of
-    ``W_eff = W N M^-1`` whitened by ``M = (1 - a) E[x~ x~^T] + a E[x x^T]`` (``N = (1 - a) E[x x~^T] + a E[x
+    ``sequential``: calibration batches (as for :func:`collect_input_covariance`, their padding left out as there;
+    may be the same ones). Then, with the ranks and numbers of kept rows chosen as above, the layers are refitted
+    block by block (a block: an entry of the ``nn.ModuleList`` holding them, e.g. ``model.layers.3``), each group of
+    layers sharing an input in call order, to the original layers' outputs given the inputs the already compressed
+    blocks produce (SVD-LLM's sequential update, extended to the rows of S): ``min (1 - a) E||W x - W' x~||^2 + a
+    E||(W - W') x||^2`` (``a = sequential_damp`` in (0, 1]: 1 gives back the fit to the original inputs; the second
+    term keeps the refit from overfitting the calibration tokens), solved exactly over the layer's form as the fit
+    of ``W_eff = W N M^-1`` whitened by ``M = (1 - a) E[x~ x~^T] + a E[x x^T]`` (``N = (1 - a) E[x x~^T] + a E[x
     x^T]``; kept rows of S then hold rows of ``W_eff``). Costs about ten forward passes over the batches plus a
     second SVD per layer; memory: the hidden states entering the blocks, twice (original and compressed).
 

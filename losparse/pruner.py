@@ -49,10 +49,18 @@ class Pruner(object):
     sums are all-reduced; at a mask step the aggregated scores of all ranks (with their multiplicities) are
     all-gathered, every rank finds the same global threshold as one process would, and masks its own rows.
     ``state_dict`` gathers the statistics into the single-process layout (a collective: call it on every rank).
+
+    ``keep_zero_rows=True`` (new; off by default, as the original): the rows of S that are entirely zero when the
+    Pruner is built stay zero for the whole run, re-zeroed at every :meth:`update_and_pruning` call (after the
+    optimizer step that may have regrown them). For S pruned before training (a one-shot allocation,
+    :func:`losparse.one_shot_allocate` / :func:`losparse.one_shot_rows`): the kept fraction never rises above what
+    was allocated, also during the warm-up steps that do not mask, and PLATON's scores of those rows stay zero, so
+    it prunes on from the allocated rows. The rows are part of :meth:`state_dict`.
     """
 
     def __init__(self, model, args, total_step, tb_writer=None, mask_param_name=None, non_mask_name=None,
-                 use_no_mask=False, pruner_name="PLATON", structured_method="mean", structured_direction="row"):
+                 use_no_mask=False, pruner_name="PLATON", structured_method="mean", structured_direction="row",
+                 keep_zero_rows=False):
         if structured_method in ("none", "None", ""):
             structured_method = None
         if pruner_name not in PRUNER_NAMES:
@@ -87,6 +95,10 @@ class Pruner(object):
         self._nonfinite_reported = 0
         self._frozen_reported = set()
         self._dist = distribution_for(model.named_parameters(), self.whether_mask_para)
+        self.keep_zero_rows = bool(keep_zero_rows)
+        self._zero_rows, self._zero_rows_local = {}, None  # name -> rows to hold at zero (all of them; this rank's)
+        if self.keep_zero_rows:
+            self._zero_rows = self._find_zero_rows(model)
 
     # The statistics (views of the flat buffers), by parameter name.
     ipt = property(lambda self: self._stats.views["ipt"])
@@ -293,11 +305,43 @@ class Pruner(object):
             p.masked_fill_(d.to(p.device), 0.0)
         return mask_threshold
 
+    # -- rows held at zero (keep_zero_rows) -----------------------------------------------------------
+    @torch.no_grad()
+    def _find_zero_rows(self, model):
+        """``{name: bool (rows,)}`` (CPU, every row of the matrix): the rows of each masked matrix that are all zero."""
+        found = {}
+        for n, p in self._masked_params(model):
+            if p.dim() != 2:
+                continue
+            rows = (self._dist.local(p) == 0).all(dim=1).to(torch.uint8)  # uint8: gloo gathers no bool
+            rows = self._dist.whole_rows(rows, p).bool().cpu()  # FSDP2: every rank's rows (a collective)
+            if bool(rows.any()):
+                found[n] = rows
+        logger.info("Pruner: keep_zero_rows: %d rows of %d matrices stay zero",
+                    sum(int(rows.sum()) for rows in found.values()), len(found))
+        return found
+
+    @torch.no_grad()
+    def _hold_zero_rows(self, model):
+        """Zero again the rows of :meth:`_find_zero_rows` (this rank's part of them), in place."""
+        params = dict(self._masked_params(model))
+        if self._zero_rows_local is None:  # on the parameters' devices, this rank's rows, once
+            self._zero_rows_local = {}
+            for n, rows in self._zero_rows.items():
+                if n in params:
+                    local = self._dist.local(params[n])
+                    own = self._dist.own(rows, params[n], 1).to(local.device)
+                    self._zero_rows_local[n] = own[:, None]
+        for n, rows in self._zero_rows_local.items():
+            self._dist.local(params[n]).masked_fill_(rows, 0.0)
+
     def update_and_pruning(self, model, global_step):
         """STEP 3: call after ``optimizer.step()`` and before ``zero_grad()``; returns ``(threshold, mask_threshold)``.
 
         ``mask_threshold`` is None on steps that do not mask.
         """
+        if self._zero_rows:  # keep_zero_rows: what the step regrew there is zeroed before it is scored
+            self._hold_zero_rows(model)
         self.update_ipt_with_local_window(model, global_step)
         threshold, mask_ind = self.schedule_threshold_comb(global_step)
         mask_threshold = self.mask_with_threshold(model, threshold) if mask_ind else None
@@ -309,23 +353,33 @@ class Pruner(object):
 
     # -- state ----------------------------------------------------------------------------------------
     def _layout(self):
-        return {"pruner_name": self.pruner_name, "reduced": self.reduced, "beta2": self.beta2,
-                "structured_method": self.structured_method, "structured_direction": self.structured_direction}
+        layout = {"pruner_name": self.pruner_name, "reduced": self.reduced, "beta2": self.beta2,
+                  "structured_method": self.structured_method, "structured_direction": self.structured_direction}
+        if self.keep_zero_rows:  # (absent otherwise: the original layout)
+            layout["keep_zero_rows"] = True
+        return layout
 
     def state_dict(self):
         """Every statistic and counter, so that a resumed run is bit-exact.
 
         FSDP2: the rows of every rank are gathered, so the layout is that of one process (call it on every rank).
         """
-        return {"layout": self._layout(), **self._stats.state_dict(self._dist.full),
-                "nonfinite_steps": 0 if self._nonfinite is None else int(self._nonfinite),
-                "nonfinite_reported": self._nonfinite_reported}
+        state = {"layout": self._layout(), **self._stats.state_dict(self._dist.full),
+                 "nonfinite_steps": 0 if self._nonfinite is None else int(self._nonfinite),
+                 "nonfinite_reported": self._nonfinite_reported}
+        if self.keep_zero_rows:
+            state["zero_rows"] = {n: rows.clone() for n, rows in self._zero_rows.items()}
+        return state
 
     def load_state_dict(self, state_dict):
         layout = state_dict.get("layout", {})
         if layout != self._layout():
             raise ValueError(f"Pruner.load_state_dict: saved with {layout}, this pruner is {self._layout()}; "
-                             "use the same --pruner_name/--beta2/--structured_method/--structured_direction")
+                             "use the same --pruner_name/--beta2/--structured_method/--structured_direction (and "
+                             "keep_zero_rows)")
+        if self.keep_zero_rows:
+            self._zero_rows = {n: rows.bool().cpu().clone() for n, rows in state_dict["zero_rows"].items()}
+            self._zero_rows_local = None
         masked = self._masked_params(self.model) if self.model is not None else []
         values = {kind: dict(state_dict[kind]) for kind in STAT_KINDS}
         if masked:

@@ -915,3 +915,109 @@ def test_run_clm_one_shot_allocation_then_platon_keeps_the_budget(clm_assets, tm
     # PLATON went on at the fraction of S the allocation kept (within one row), not at --final_threshold
     assert frac != 0.2 and abs(rows - frac * entries) <= 33
     assert res["effective_ratio"] <= 0.5 + 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------
+# padding: a right-padded batch gives the statistics of its texts unpadded (issue 34)
+# ----------------------------------------------------------------------------------------------------
+def padded_llama(seed=0):
+    """A tiny LLaMA in float64: padded and unpadded passes then differ by rounding only."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return AutoModelForCausalLM.from_config(cfg).double().eval()
+
+
+def padded_and_unpadded(lengths=((5, 8),), seed=7):
+    """``(padded, unpadded)``: per entry of ``lengths`` one dict batch of texts of those lengths, right-padded with
+    id 0 (attention mask 0 there), and the same texts as separate batch-size-1 dict batches (all-ones mask)."""
+    g = torch.Generator().manual_seed(seed)
+    padded, unpadded = [], []
+    for group in lengths:
+        texts = [torch.randint(1, 100, (n,), generator=g) for n in group]
+        ids = torch.zeros(len(texts), max(group), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, t in enumerate(texts):
+            ids[i, :len(t)], mask[i, :len(t)] = t, 1
+            unpadded.append({"input_ids": t[None], "attention_mask": torch.ones(1, len(t), dtype=torch.long)})
+        padded.append({"input_ids": ids, "attention_mask": mask})
+    return padded, unpadded
+
+
+def relative(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_input_covariance_ignores_padding():
+    # pad rows are left out of C and of its count: the padded batch gives the C of the texts alone (counting them:
+    # 0.64 away for the worst layer)
+    model = padded_llama()
+    padded, unpadded = padded_and_unpadded()
+    ref = utils.collect_input_covariance(model, unpadded, LLAMA, BLOCK)
+    got = utils.collect_input_covariance(model, padded, LLAMA, BLOCK)
+    assert len(got) == 14
+    worst = max(relative(got[n], ref[n]) for n in ref)
+    assert worst <= 1e-6, worst
+    p = "model.layers.1."
+    assert got[p + "self_attn.q_proj"] is got[p + "self_attn.v_proj"]  # shared inputs still shared
+    # the streaming statistics mask the same rows: equal to the padded dict's, so to the unpadded ones
+    stats = utils.InputCovariances(model, padded, LLAMA, BLOCK)
+    for group in stats.groups:
+        for n, c in stats(group).items():
+            assert torch.equal(c, got[n])
+            assert relative(c, ref[n]) <= 1e-6, n
+    # a mask whose shape is not the inputs' leading shape (an encoder-decoder's decoder) is not applied: every row
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, input_ids, attention_mask):
+            return self.fc(input_ids[:, :3])  # 3 rows per sequence, the mask has 5
+
+    head, x = Head(), torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
+    c = utils.collect_input_covariance(head, [{"input_ids": x, "attention_mask": mask}], ["fc"])["fc"]
+    rows = x[:, :3].reshape(-1, 8).double()
+    torch.testing.assert_close(c, rows.T @ rows / 6, rtol=1e-6, atol=1e-7)
+
+
+def test_output_fisher_ignores_padding():
+    # pad tokens are not loss targets and their rows are not counted in the mean (else: 1.1 away, worst layer)
+    model = padded_llama()
+    padded, unpadded = padded_and_unpadded()
+    ref = utils.collect_output_fisher(model, unpadded, LLAMA, BLOCK)
+    got = utils.collect_output_fisher(model, padded, LLAMA, BLOCK)
+    assert len(got) == 14
+    worst = max(relative(got[n], ref[n]) for n in ref)
+    assert worst <= 1e-6, worst
+    # given labels that predict the pads are masked the same way
+    labelled = [dict(b, labels=b["input_ids"].clone()) for b in padded]
+    got = utils.collect_output_fisher(model, labelled, LLAMA, BLOCK)
+    assert max(relative(got[n], ref[n]) for n in ref) <= 1e-6
+
+
+def test_one_shot_allocate_sequential_ignores_padding():
+    # the sequential refit's statistics of the original and compressed inputs leave out the pad rows: padded
+    # batches give the layers of the same texts unpadded (counting them: 0.65 apart, the error 2e-2). More tokens
+    # (555) than input features (64, 128): with fewer, M is singular and W N M^-1 is set by rounding in the
+    # directions no token spans (0.1 apart then). The refit's products x^T x are float32, 1e-7 apart between the
+    # two groupings of the rows; the whitened truncated SVD amplifies that: the weights agree to 1e-5 here (3e-6 to
+    # 1e-5 over 8 sets of texts; exactly, with float64 products), the weighted error to 2e-7
+    dense = padded_llama(seed=8)
+    with torch.no_grad():
+        for w in dense.parameters():
+            w.mul_(6 if w.dim() == 2 else 1)  # weights of a trained model's scale: compression changes the inputs
+    padded, unpadded = padded_and_unpadded(lengths=[(20, 31, 12, 25), (30, 17, 28, 22)] * 3)
+    covs = utils.collect_input_covariance(dense, unpadded, LLAMA, BLOCK)
+    fisher = utils.collect_output_fisher(dense, unpadded, LLAMA, BLOCK)
+    a, b = copy.deepcopy(dense), copy.deepcopy(dense)
+    ia = utils.one_shot_allocate(a, covs, fisher, 0.5, LLAMA, BLOCK, rank_multiple=2, sequential=unpadded)
+    ib = utils.one_shot_allocate(b, covs, fisher, 0.5, LLAMA, BLOCK, rank_multiple=2, sequential=padded)
+    assert ia["layers"] == ib["layers"]
+    assert ib["weighted_error_sequential"] == pytest.approx(ia["weighted_error_sequential"], rel=1e-6)
+    worst = max(relative(b.get_submodule(n).merged_weight().detach(), a.get_submodule(n).merged_weight().detach())
+                for n in covs)
+    assert worst <= 3e-5, worst

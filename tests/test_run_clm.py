@@ -389,6 +389,99 @@ def test_resume_is_exact(assets, trained):
 
 
 # ----------------------------------------------------------------------------------------------------
+# --init calibrated --one_shot, then training: the allocated budget holds at every step; an exact resume
+# ----------------------------------------------------------------------------------------------------
+# budget 0.3 + 0.2 of the replaced matrices; 2 warm-up steps that do not mask, PLATON every 2nd step, then every step
+ONE_SHOT = ["--init", "calibrated", "--one_shot", "--calibration_samples", 4, "--low_rank_parameter_ratio", 0.3,
+            "--final_threshold", 0.2, "--warmup_steps", 2, "--initial_warmup", 1, "--final_warmup", 1, "--deltaT", 2]
+ONE_SHOT_STEPS = 6
+
+
+def _one_shot_run(assets, out, *extra):
+    root = assets["root"]
+    return _run(assets, ["--model_name_or_path", root / "llama", "--train_file", root / "train.txt",
+                         "--validation_file", root / "validation.txt", "--block_size", BLOCK,
+                         "--per_device_train_batch_size", 4, "--per_device_eval_batch_size", 8, "--max_train_steps",
+                         ONE_SHOT_STEPS, "--learning_rate", 3e-3, "--seed", 5, "--checkpointing_steps", 1, *ONE_SHOT,
+                         *extra, "--output_dir", out])
+
+
+@pytest.fixture(scope="module")
+def one_shot_trained(assets):
+    out = assets["root"] / "oneshot-train"
+    proc = _one_shot_run(assets, out)
+    _check_ok(proc)
+    return out, proc
+
+
+def _stored_ratio(sd):
+    """``(L, R and the nonzero rows of S) / dense`` over the LoSparse layers of a state dict (the effective ratio;
+    a rank-0 layer's empty L and R may be absent from a safetensors file)."""
+    kept = dense = 0
+    for k in [k for k in sd if k.endswith("sparse.weight")]:
+        p, (H, W) = k[: -len("sparse.weight")], sd[k].shape
+        rank = sd[p + "left.weight"].shape[1] if p + "left.weight" in sd else 0
+        dense += H * W
+        kept += rank * (H + W) + int((sd[k] != 0).any(1).sum()) * W
+    return kept / dense
+
+
+def test_one_shot_then_training_never_exceeds_the_budget(one_shot_trained):
+    """The rows the allocation zeroed stay zero from the first step (the Pruner's keep_zero_rows): the state saved
+    after every optimizer step, warm-up included, holds at most the budget, and so does every logged ratio."""
+    import re
+
+    from safetensors.torch import load_file
+
+    out, proc = one_shot_trained
+    folders = sorted(out.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    assert [p.name for p in folders] == [f"step_{i}" for i in range(1, ONE_SHOT_STEPS + 1)]
+    ratios = [_stored_ratio(load_file(p / "model.safetensors")) for p in folders]
+    final = _stored_ratio(torch.load(out / "pytorch_model.bin", map_location="cpu", weights_only=True))
+    assert max(ratios + [final]) <= 0.5  # --low_rank_parameter_ratio + --final_threshold
+    assert ratios == [final] * len(ratios)  # PLATON prunes on from the allocated rows: none comes back
+    logged = [float(x) for x in re.findall(r"effective ratio ([0-9.]+)", proc.stderr)]
+    assert logged and max(logged) <= 0.5 and _results(out)["effective_ratio"] == pytest.approx(final)
+    assert "keep_zero_rows" in proc.stderr
+
+
+def test_one_shot_run_resumes_exactly(assets, one_shot_trained):
+    """A one-shot training run stopped after its second checkpoint resumes (``--resume_from_checkpoint latest``)
+    with every layer at its allocated rank and rows, without calibrating again, and ends bit-identical."""
+    import shutil
+
+    full, _ = one_shot_trained
+    resumed = assets["root"] / "oneshot-resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "step_2", resumed / "step_2")  # what a run interrupted after step 2's checkpoint leaves
+    proc = _one_shot_run(assets, resumed, "--resume_from_checkpoint", "latest")
+    _check_ok(proc)
+    assert f"Resumed from checkpoint: {resumed / 'step_2'}" in proc.stdout
+    assert "LoSparse calibration" not in proc.stderr and "One-shot allocation of" in proc.stderr
+    a = torch.load(full / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    b = torch.load(resumed / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    assert a.keys() == b.keys()
+    assert len({a[k].shape[1] for k in a if k.endswith("left.weight")}) > 1  # ranks differ from layer to layer
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+    ra, rb = _results(full), _results(resumed)
+    assert (rb["perplexity"], rb["effective_ratio"], rb["train_steps"]) == \
+        (ra["perplexity"], ra["effective_ratio"], ra["train_steps"])
+
+
+def test_short_calibration_file_is_named(assets, tmp_path):
+    root = assets["root"]
+    short = tmp_path / "short.txt"
+    short.write_text("the cat\n")
+    with pytest.raises(SystemExit) as e:
+        run_clm.main(["--model_name_or_path", str(root / "llama"), "--train_file", str(root / "train.txt"),
+                      "--validation_file", str(root / "validation.txt"), "--calibration_file", str(short),
+                      "--init", "calibrated", "--block_size", str(BLOCK), "--num_train_epochs", "0",
+                      "--output_dir", str(tmp_path / "out")])
+    assert f"--calibration_file {short} has fewer tokens than one block of --block_size {BLOCK}" in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Usage errors: before training, naming the flag
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags, expected", [
@@ -423,6 +516,11 @@ def test_no_text_column_exits(assets, tmp_path):
     (["--eval_split", "test"], "--eval_split test needs --dataset_name"),
     (["--validation_split_percentage", "0"], "--validation_split_percentage must be in (0, 100)"),
     (["--final_threshold", "0"], "--final_threshold must be in (0, 1]"),
+    (["--one_shot", "--structured_direction", "col"], "--one_shot keeps whole rows of S: --structured_direction col"),
+    (["--one_shot", "--structured_direction", "row_col"], "--one_shot keeps whole rows of S: --structured_direction "
+                                                          "row_col"),
+    (["--init", "calibrated", "--one_shot", "--structured_method", "none"], "--one_shot keeps whole rows of S: "
+                                                                            "--structured_method none"),
     (["--num_train_epochs", "0", "--eval_checkpoint", "{root}/validation.txt", "--no_losparse"],
      "--eval_checkpoint loads a LoSparse checkpoint"),
 ])

@@ -352,6 +352,34 @@ def test_checkpoint_at_rank_20_loads_into_model_built_at_010(tmp_path):
     torch.testing.assert_close(small.dense(x), big.dense(x), atol=0, rtol=0)
 
 
+def test_rank_zero_layers_load_from_a_safetensors_file_that_keeps_empty_tensors_once(tmp_path):
+    """A one-shot allocation may give a layer rank 0 (rows of S only): its L (out x 0) and R (0 x in) are empty, and
+    safetensors writers (accelerate's save_state) keep empty tensors once, as shared storage. load_checkpoint still
+    rebuilds every layer at its rank from such a file (rank 0 where L and R are absent)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    saved = MLP()
+    utils.substitute_layer_weights(saved, ["up_proj", "down_proj"], [], parameter_ratio=0.2)
+    for name in ("up_proj", "down_proj"):  # both at rank 0, as an allocation that keeps only rows of S makes them
+        old = getattr(saved, name)
+        new = utils.LinearLoSparse(old.in_feature, old.out_feature, 0, has_bias=False)
+        new.initialize_weight(torch.zeros(old.out_feature, 0), torch.zeros(0, old.in_feature),
+                              old.sparse.weight.detach().clone())
+        setattr(saved, name, new)
+    full = saved.state_dict()
+    empty = [k for k, v in full.items() if v.numel() == 0]
+    assert len(empty) == 4
+    sd = {k: v for k, v in full.items() if k not in empty[1:]}  # as accelerate's save_state writes it: one kept
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "model.safetensors")
+    model = MLP()
+    utils.substitute_layer_weights(model, ["up_proj", "down_proj"], [], parameter_ratio=0.2, do_svd=False)
+    utils.load_checkpoint(model, tmp_path / "model.safetensors")
+    assert model.up_proj.reduced_rank == model.down_proj.reduced_rank == 0
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(model(x), saved(x), atol=0, rtol=0)
+
+
 def test_load_original_distilled_format_and_safetensors(tmp_path):
     """The original prune_sparse kept sparse.weight and added sparse_weight_pruned (no nonzero_idx saved)."""
     from safetensors.torch import save_file
@@ -875,6 +903,55 @@ def test_pruner_state_dict_resume_is_bit_exact(method, beta2, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="structured_method"):
         utils.Pruner(model, args, 30, structured_method="sum").load_state_dict(pruner.state_dict())
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_zero_rows_holds_pruned_rows_through_warmup_and_resume(keep, tmp_path):
+    """Rows of S zeroed before training (a one-shot allocation) stay zero at every step with keep_zero_rows, also
+    in the warm-up that does not mask, so the kept fraction never exceeds what was allocated; without it AdamW
+    regrows them. The held rows are part of the state: a pruner rebuilt mid-run and loaded holds the same rows."""
+    torch.manual_seed(0)
+    model = QKV()
+    utils.substitute_layer_weights(model, ["query", "dense", "output"], [], parameter_ratio=0.2)
+    layers = list(_losparse_layers(model).values())
+    zeroed = {}
+    with torch.no_grad():
+        for i, m in enumerate(layers):  # rows 0, 2, 4, ... of every S (and row 1 of the first) pruned beforehand
+            rows = torch.zeros(m.out_feature, dtype=torch.bool)
+            rows[::2] = True
+            rows[1] = i == 0
+            m.sparse.weight[rows] = 0.0
+            zeroed[m] = rows
+    kept = sum(int((~r).sum()) * m.in_feature for m, r in zeroed.items())
+    total = sum(m.out_feature * m.in_feature for m in layers)
+    # initial == final threshold at the allocated fraction, 4 warm-up steps without masking (as run_clm.py --one_shot)
+    args = _args(initial_threshold=kept / total, final_threshold=kept / total, initial_warmup=1, final_warmup=1,
+                 warmup_steps=4, deltaT=3)
+    pruner = utils.Pruner(model, args, 20, keep_zero_rows=keep)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    fractions = []
+    for t in range(20):
+        model.output(model.dense(model.query(torch.randn(8, 12)))).pow(2).mean().backward()
+        optimizer.step()
+        pruner.update_and_pruning(model, t)
+        optimizer.zero_grad()
+        fractions.append(sum(int((m.sparse.weight != 0).any(dim=1).sum()) * m.in_feature for m in layers) / total)
+        if t == 9:  # a resumed run: a new pruner takes the state
+            state = pruner.state_dict()
+            torch.save(state, tmp_path / "pruner.pt")
+            pruner = utils.Pruner(model, args, 20, keep_zero_rows=keep)
+            pruner.load_state_dict(torch.load(tmp_path / "pruner.pt", weights_only=True))
+    if not keep:
+        assert max(fractions[:4]) == 1.0  # the warm-up regrew every pruned row
+        assert "zero_rows" not in state and "keep_zero_rows" not in state["layout"]
+        return
+    assert max(fractions) == kept / total  # never above the allocation, at every step
+    for m, rows in zeroed.items():
+        assert torch.equal((m.sparse.weight == 0).all(dim=1), rows)  # exactly the pruned rows, nothing more
+    assert state["layout"]["keep_zero_rows"] is True
+    assert [r.tolist() for r in state["zero_rows"].values()] == [r.tolist() for r in zeroed.values()]
+    with pytest.raises(ValueError, match="keep_zero_rows"):
+        utils.Pruner(model, args, 20).load_state_dict(state)
 
 
 def test_pruner_handles_ddp_style_prefix():
