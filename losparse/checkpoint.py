@@ -138,10 +138,10 @@ def _layer_for(sd, prefix, in_f, out_f, has_bias, like):
     layer = LinearLoSparse(in_f, out_f, rank, has_bias=has_bias, has_sparse=has_sparse, **kw)
     if compact:
         k = sd[prefix + "sparse_weight_pruned"].shape[0]
-        layer._set_compact(torch.zeros(k, in_f, **kw), torch.zeros(k, dtype=torch.long, device=like.device))
+        layer.set_compact_rows(torch.zeros(k, in_f, **kw), torch.zeros(k, dtype=torch.long, device=like.device))
     elif cols:
         k = sd[prefix + "sparse_weight_pruned_cols"].shape[1]
-        layer._set_compact_cols(torch.zeros(out_f, k, **kw), torch.zeros(k, dtype=torch.long, device=like.device))
+        layer.set_compact_cols(torch.zeros(out_f, k, **kw), torch.zeros(k, dtype=torch.long, device=like.device))
     return layer
 
 

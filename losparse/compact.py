@@ -13,7 +13,7 @@ def share_timed_choices(module):
     shared = TimedChoices()
     for m in module.modules():
         if isinstance(m, LinearLoSparse):
-            m._fast.timings = shared
+            m.fast_path.timings = shared
 
 
 def prune(module, prefer="speed"):
@@ -34,7 +34,7 @@ def prune(module, prefer="speed"):
     for name, m in layers:
         if m.has_sparse and not m.is_compacted:
             m.prune_sparse()
-            form, kept, _ = m._sparse_form()
+            form, kept, _ = m.sparse_form()
             if kept == (m.out_feature if form == "rows" else m.in_feature):
                 no_gain.append(name)
         m.prefer = prefer
@@ -88,11 +88,11 @@ def prepare_for_inference(module, tokens=None, path=None):
         raise ValueError("prepare_for_inference: the model has no compacted LinearLoSparse layer; call "
                          "utils.prune(model) (or load it with utils.load_compact) first")
     for m in layers:
-        fast = m._fast
+        fast = m.fast_path
         chosen = path
         if chosen is None and (tokens is not None or fast.prepared is None):
             chosen = fast.path_for_tokens(m, tokens or PREPARE_TOKENS)
         fast.prepare(m, chosen or fast.prepared)
     logger.info("LoSparse: prepared %d compacted layers for inference (%s)", len(layers),
-                ", ".join(sorted({m._fast.prepared for m in layers})))
+                ", ".join(sorted({m.fast_path.prepared for m in layers})))
     return len(layers)

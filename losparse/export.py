@@ -60,7 +60,7 @@ def _export_layer(m, p, tensors):
     only L and R when S lost every row, else L, R and the kept rows (or columns) of S."""
     entry = {"in_features": m.in_feature, "out_features": m.out_feature, "rank": m.reduced_rank,
              "has_bias": m.has_bias}
-    form = m._sparse_form()[0] if m.has_sparse else None
+    form = m.sparse_form()[0] if m.has_sparse else None
     kept, idx, keys = _kept_part(m, form)
     k = 0 if idx is None else idx.numel()
     if m.num_parameters(compact=True) - (m.out_feature if m.has_bias else 0) >= m.out_feature * m.in_feature:
@@ -284,10 +284,10 @@ def _compact_layer(entry, like, prefer):
                            has_sparse=entry["form"] != "low_rank", device=like.device, dtype=like.dtype)
     if entry["form"] == "losparse":
         k = entry["kept_rows"]
-        layer._set_compact(torch.zeros(k, entry["in_features"], dtype=like.dtype), torch.zeros(k, dtype=torch.long))
+        layer.set_compact_rows(torch.zeros(k, entry["in_features"], dtype=like.dtype), torch.zeros(k, dtype=torch.long))
     elif entry["form"] == "losparse_cols":
         k = entry["kept_cols"]
-        layer._set_compact_cols(torch.zeros(entry["out_features"], k, dtype=like.dtype),
+        layer.set_compact_cols(torch.zeros(entry["out_features"], k, dtype=like.dtype),
                                 torch.zeros(k, dtype=torch.long))
     layer.prefer = prefer
     return layer

@@ -50,7 +50,7 @@ def derive(layer, path):
     L, R = layer.left.weight.detach(), layer.right.weight.detach()
     cols = layer.sparse_weight_pruned_cols is not None
     S = (layer.sparse_weight_pruned_cols if cols else layer.sparse_weight_pruned).detach()
-    idx = layer._kept_index()
+    idx = layer.kept_index()
     r, k = layer.reduced_rank, idx.numel()
     if path == "merged":
         acc = torch.promote_types(L.dtype, torch.float32)  # bf16/fp16 weights: summed in fp32
@@ -157,8 +157,8 @@ def time_forms(layer, x2, candidates, reps=3):
     """Milliseconds of ``reps`` calls of each candidate form on ``x2`` (CUDA events on CUDA, a clock elsewhere)."""
     times = {}
     for path in candidates:
-        d = layer._fast.derived(layer, path)
-        fn, idx = COMPACT_FORWARDS[path], layer._kept_index()
+        d = layer.fast_path.derived(layer, path)
+        fn, idx = COMPACT_FORWARDS[path], layer.kept_index()
         fn(x2, d, idx, layer.bias)  # warm-up
         if x2.is_cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -200,7 +200,7 @@ class TimedChoices:
         self.chosen = {}
 
     def choose(self, layer, x2, candidates, reps=3):
-        cols, k = layer.sparse_weight_pruned_cols is not None, layer._kept_index().numel()
+        cols, k = layer.sparse_weight_pruned_cols is not None, layer.kept_index().numel()
         key = (x2.device.type, x2.dtype, layer.in_feature, layer.out_feature, _ceil8(layer.reduced_rank),
                _ceil8(k).bit_length(), cols, layer.bias is not None, max(1, x2.shape[0]).bit_length(), candidates)
         if key not in self.chosen:
@@ -229,12 +229,12 @@ def _tensor_stamp(t):
 def _sources_key(layer):
     """The layer's source tensors (by weak reference: a new tensor at a freed address is not taken for the old
     one) with their stamps (:func:`_tensor_stamp`)."""
-    return tuple((weakref.ref(t), _tensor_stamp(t)) for t in layer._sources())
+    return tuple((weakref.ref(t), _tensor_stamp(t)) for t in layer.source_tensors())
 
 
 def _key_holds(layer, key):
     """Whether ``key`` (from :func:`_sources_key`) still describes the layer's source tensors."""
-    sources = layer._sources()
+    sources = layer.source_tensors()
     return key is not None and len(key) == len(sources) and all(
         ref() is t and stamp == _tensor_stamp(t) for (ref, stamp), t in zip(key, sources))
 
@@ -243,7 +243,7 @@ _PREPARED_PREFIX = "_prepared_"  # prepared tensors: non-persistent buffers of t
 
 
 class FastPath:
-    """A compacted layer's inference state, in one object per layer (``layer._fast``).
+    """A compacted layer's inference state, in one object per layer (``layer.fast_path``).
 
     - settings: ``prefer``, ``compact_path``, ``path_choice``, ``cache_derived`` (set through the layer's
       properties of those names, which call :meth:`refresh`);
@@ -305,7 +305,7 @@ class FastPath:
             self.tensors = {p: d for p, d in self.tensors.items() if p in keep}  # only the chosen forms stay
         else:
             costs = path_costs(layer.in_feature, layer.out_feature, layer.reduced_rank,
-                                layer._kept_index().numel(), 1 << (bucket - 1), x2.element_size(), x2.device.type,
+                                layer.kept_index().numel(), 1 << (bucket - 1), x2.element_size(), x2.device.type,
                                 cols=layer.sparse_weight_pruned_cols is not None)
             path = min(candidates, key=costs.__getitem__)
         if not compiling:
@@ -408,5 +408,5 @@ class FastPath:
             else:
                 d = self.derived(layer, path)
         self.last_path = path
-        y = COMPACT_FORWARDS[path](x2, d, layer._kept_index(), layer.bias)
+        y = COMPACT_FORWARDS[path](x2, d, layer.kept_index(), layer.bias)
         return y if x.dim() == 2 else y.view(*shape[:-1], layer.out_feature)

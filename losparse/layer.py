@@ -1,7 +1,7 @@
 """The layer: ``LinearLoSparse``, ``y = x (L R + S)^T + b``, and its training forward.
 
 ``merge_pays`` and ``_MergedLinear`` are the training forward on the dense S (one GEMM on the merged weight, W
-never saved); compacted inference runs through ``losparse.forms`` (``layer._fast``). The layer knows only its own
+never saved); compacted inference runs through ``losparse.forms`` (``layer.fast_path``). The layer knows only its own
 tensors: no schedule, no walker.
 """
 import torch
@@ -94,7 +94,7 @@ class LinearLoSparse(nn.Module):
     takes effect on the next call. ``last_path`` is the form of the latest inference call. ``cache_derived =
     False`` derives the tensors on every call instead of caching them. :meth:`refresh` drops the cached tensors
     (call it after editing weights in a way PyTorch does not version, e.g. through ``.data``). All of that state
-    lives in one :class:`FastPath` object, ``layer._fast``.
+    lives in one :class:`FastPath` object, ``layer.fast_path``.
     """
 
     def __init__(self, in_feature, out_feature, reduced_rank, has_bias=True, has_sparse=True, device=None,
@@ -118,59 +118,59 @@ class LinearLoSparse(nn.Module):
         self.register_buffer("nonzero_idx", None)  # their row indices (k)
         self.register_parameter("sparse_weight_pruned_cols", None)  # or: kept columns of S (out x k)
         self.register_buffer("nonzero_col_idx", None)  # their column indices (k)
-        self._fast = FastPath()
+        self.fast_path = FastPath()
         self.register_load_state_dict_post_hook(LinearLoSparse._invalidate_derived)
 
-    # -- inference settings (held by ``_fast``): each takes effect on the next call ----------------------
+    # -- inference settings (held by ``fast_path``): each takes effect on the next call ----------------------
     @property
     def prefer(self):
-        return self._fast.prefer
+        return self.fast_path.prefer
 
     @prefer.setter
     def prefer(self, value):
         check_prefer(value)
-        self._fast.prefer = value
+        self.fast_path.prefer = value
         self.refresh()
 
     @property
     def compact_path(self):
-        return self._fast.compact_path
+        return self.fast_path.compact_path
 
     @compact_path.setter
     def compact_path(self, value):
         if value is not None and value not in COMPACT_FORWARDS:
             raise ValueError(f"compact_path={value!r}: allowed values are None, " + ", ".join(map(repr, COMPACT_PATHS)))
-        self._fast.compact_path = value
+        self.fast_path.compact_path = value
         self.refresh()
 
     @property
     def path_choice(self):
-        return self._fast.path_choice
+        return self.fast_path.path_choice
 
     @path_choice.setter
     def path_choice(self, value):
         if value not in PATH_CHOICES:
             raise ValueError(f"path_choice={value!r}: allowed values are " + ", ".join(map(repr, PATH_CHOICES)))
-        self._fast.path_choice = value
+        self.fast_path.path_choice = value
         self.refresh()
 
     @property
     def cache_derived(self):
-        return self._fast.cache_derived
+        return self.fast_path.cache_derived
 
     @cache_derived.setter
     def cache_derived(self, value):
-        self._fast.cache_derived = bool(value)
+        self.fast_path.cache_derived = bool(value)
         self.refresh()
 
     @property
     def last_path(self):
         """The form of the latest compacted inference call (None before it)."""
-        return self._fast.last_path
+        return self.fast_path.last_path
 
     @last_path.setter
     def last_path(self, value):
-        self._fast.last_path = value
+        self.fast_path.last_path = value
 
     # -- shapes ---------------------------------------------------------------------------------------
     @property
@@ -201,7 +201,7 @@ class LinearLoSparse(nn.Module):
             torch.distributed.all_reduce(cols, op=torch.distributed.ReduceOp.MAX, group=w.device_mesh.get_group())
         return int(cols.sum())
 
-    def _sparse_form(self):
+    def sparse_form(self):
         """``("rows" | "cols", kept count, stored parameters)``: how S is (or would be) compacted; columns only
         when they store less than rows."""
         if not self.has_sparse:
@@ -219,7 +219,7 @@ class LinearLoSparse(nn.Module):
         """Parameters of L, R, the kept rows (or columns) of S and the bias (``compact=False``: with the dense S)."""
         n = self.reduced_rank * (self.in_feature + self.out_feature) + (self.out_feature if self.has_bias else 0)
         if self.has_sparse:
-            n += self._sparse_form()[2] if compact or self.is_compacted else self.out_feature * self.in_feature
+            n += self.sparse_form()[2] if compact or self.is_compacted else self.out_feature * self.in_feature
         return n
 
     def extra_repr(self):
@@ -251,7 +251,7 @@ class LinearLoSparse(nn.Module):
             return self._forward_dense_s(x)
         if torch.is_grad_enabled() and self._weights_need_grad():
             return self._forward_kept(x)
-        return self._fast.forward(self, x)
+        return self.fast_path.forward(self, x)
 
     def _forward_dense_s(self, x):
         """A call with many rows multiplies by the merged ``L R + S`` (:class:`_MergedLinear`), one with few
@@ -286,10 +286,11 @@ class LinearLoSparse(nn.Module):
         return any(p.requires_grad for p in (self.left.weight, self.right.weight, self.sparse_weight_pruned,
                                              self.sparse_weight_pruned_cols, self.bias) if p is not None)
 
-    def _kept_index(self):
+    def kept_index(self):
+        """The positions of the kept rows (``nonzero_idx``) or, column form, kept columns (``nonzero_col_idx``)."""
         return self.nonzero_idx if self.sparse_weight_pruned is not None else self.nonzero_col_idx
 
-    def _sources(self):
+    def source_tensors(self):
         """L, R, the kept part of S, its indices and the bias (read from the module dicts: called every call)."""
         p, b = self._parameters, self._buffers
         return [t for t in (self._modules["left"]._parameters["weight"], self._modules["right"]._parameters["weight"],
@@ -307,13 +308,13 @@ class LinearLoSparse(nn.Module):
         A layer prepared by :func:`prepare_for_inference` re-derives its buffers in place (a compiled model or a
         captured CUDA graph then reads the new values).
         """
-        self._fast.refresh(self)
+        self.fast_path.refresh(self)
 
     def _invalidate_derived(self, *args, **kwargs):  # load_state_dict post-hook
         self.refresh()
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .half(), .cuda(): derived tensors follow on next use
-        self._fast.moved()
+        self.fast_path.moved()
         return super()._apply(fn, *args, **kwargs)
 
     # -- weights --------------------------------------------------------------------------------------
@@ -335,11 +336,12 @@ class LinearLoSparse(nn.Module):
         nz = w.detach() != 0
         rows, cols = torch.nonzero(nz.any(dim=1)).flatten(), torch.nonzero(nz.any(dim=0)).flatten()
         if rows.numel() * self.in_feature <= cols.numel() * self.out_feature:
-            self._set_compact(w.detach()[rows].clone(), rows, requires_grad=w.requires_grad)
+            self.set_compact_rows(w.detach()[rows].clone(), rows, requires_grad=w.requires_grad)
         else:
-            self._set_compact_cols(w.detach()[:, cols].clone(), cols, requires_grad=w.requires_grad)
+            self.set_compact_cols(w.detach()[:, cols].clone(), cols, requires_grad=w.requires_grad)
 
-    def _set_compact(self, rows, idx, requires_grad=True):
+    def set_compact_rows(self, rows, idx, requires_grad=True):
+        """Row form: ``rows`` (k x in) are the rows ``idx`` of S; the dense ``sparse`` module is dropped."""
         if hasattr(self, "sparse"):
             del self.sparse
         # No kept row: the forward never uses the (empty) parameter, so it must not ask for a gradient (under
@@ -348,7 +350,7 @@ class LinearLoSparse(nn.Module):
         self.nonzero_idx = idx.to(device=rows.device, dtype=torch.long)
         self.refresh()
 
-    def _set_compact_cols(self, cols, idx, requires_grad=True):
+    def set_compact_cols(self, cols, idx, requires_grad=True):
         """Column form: ``cols`` (out x k) are the columns ``idx`` of S."""
         if hasattr(self, "sparse"):
             del self.sparse

@@ -61,12 +61,12 @@ def _layer_path(m):
         return "low_rank"
     if not m.is_compacted:
         return "uncompacted"
-    return m._fast.describe()
+    return m.fast_path.describe()
 
 
 def _report_entry(name, m):
     """One layer's line of :func:`compression_report`."""
-    form, kept, stored = m._sparse_form()
+    form, kept, stored = m.sparse_form()
     return {"name": name, "out_features": m.out_feature, "in_features": m.in_feature, "rank": m.reduced_rank,
             "kept_rows": m.kept_rows, "path": _layer_path(m), "sparse_form": form, "kept": kept,
             "sparse_params": stored}

@@ -110,9 +110,9 @@ def test_derived_tensors_are_built_once_and_are_not_state():
     x = torch.randn(4, IN)
     with torch.no_grad():
         layer(x)
-        first = layer._fast.tensors["fused"]["rs_t"]
+        first = layer.fast_path.tensors["fused"]["rs_t"]
         layer(x)
-        assert layer._fast.tensors["fused"]["rs_t"] is first  # reused, not rebuilt
+        assert layer.fast_path.tensors["fused"]["rs_t"] is first  # reused, not rebuilt
     assert set(layer.state_dict()) == keys == {"left.weight", "right.weight", "bias", "sparse_weight_pruned",
                                                 "nonzero_idx"}
     assert not any(b is first for b in layer.buffers())
@@ -160,7 +160,7 @@ def test_training_takes_the_autograd_path():
     layer.last_path = None
     layer(torch.randn(4, IN)).sum().backward()
     assert layer.last_path is None and layer.sparse_weight_pruned.grad is not None
-    assert not layer._fast.tensors  # nothing derived
+    assert not layer.fast_path.tensors  # nothing derived
 
 
 # -------------------------------------------------------------------------------------- path choice
@@ -189,7 +189,7 @@ def test_prefer_memory_never_builds_the_dense_weight():
         assert dense_rows.last_path == "merged"
         dense_rows.prefer = "memory"
         dense_rows(x)
-        assert dense_rows.last_path != "merged" and "merged" not in dense_rows._fast.tensors
+        assert dense_rows.last_path != "merged" and "merged" not in dense_rows.fast_path.tensors
         torch.testing.assert_close(dense_rows(x).double(), reference(dense_rows, x), **TOL[torch.float32])
 
 

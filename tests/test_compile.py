@@ -132,7 +132,7 @@ def test_prepare_rejects_bad_arguments(tiny_bert):
     dense = build_tiny_model("bert", head="base")
     with pytest.raises(ValueError, match=r"no compacted LinearLoSparse.*utils.prune"):
         utils.prepare_for_inference(dense)
-    assert all(m._fast.prepared is None for m in model.modules() if isinstance(m, utils.LinearLoSparse))
+    assert all(m.fast_path.prepared is None for m in model.modules() if isinstance(m, utils.LinearLoSparse))
 
 
 def _tensor_keys(layer, path):
@@ -145,7 +145,7 @@ def _tensor_keys(layer, path):
 def test_prepared_layer_equals_reference_and_refreshes_in_eager(path):
     layer = make_layer(7).eval()
     assert utils.prepare_for_inference(layer, path=path) == 1
-    assert layer._fast.prepared == path and utils.compression_report(layer).layers[0]["path"] == path
+    assert layer.fast_path.prepared == path and utils.compression_report(layer).layers[0]["path"] == path
     names = sorted(n for n, _ in layer.named_buffers() if n.startswith("_prepared_"))
     assert names == sorted("_prepared_" + k for k in _tensor_keys(layer, path))
     assert set(layer.state_dict()) == {"left.weight", "right.weight", "bias", "sparse_weight_pruned",
@@ -167,12 +167,12 @@ def test_prepare_keeps_the_form_unless_asked_and_drops_old_buffers():
     layer = make_layer(7).eval()
     utils.prepare_for_inference(layer, path="onehot")
     utils.prepare_for_inference(layer)  # a refresh: the form stays
-    assert layer._fast.prepared == "onehot"
+    assert layer.fast_path.prepared == "onehot"
     utils.prepare_for_inference(layer, tokens=1)  # the layer's own choice for one row per call
     c = losparse.forms.path_costs(44, OUT, 5, 7, 1, 4, "cpu")
-    assert layer._fast.prepared == min(c, key=c.get)
+    assert layer.fast_path.prepared == min(c, key=c.get)
     assert {n for n, _ in layer.named_buffers() if n.startswith("_prepared_")} == {
-        "_prepared_" + k for k in _tensor_keys(layer, layer._fast.prepared)}
+        "_prepared_" + k for k in _tensor_keys(layer, layer.fast_path.prepared)}
 
 
 # ------------------------------------------------------------------------------------------ compile

@@ -131,7 +131,7 @@ def test_refresh_after_a_data_edit_and_without_cache(form):
         with torch.autograd._unsafe_preserve_version_counter(layer.left.weight):
             layer.left.weight.mul_(0.5)
         torch.testing.assert_close(layer(x).double(), _reference(layer, x), rtol=1e-5, atol=1e-5)
-        assert not layer._fast.tensors  # nothing cached
+        assert not layer.fast_path.tensors  # nothing cached
 
 
 # -------------------------------------------------------------------------- 3. inference_mode
@@ -318,7 +318,7 @@ def test_timed_choice_per_shape_class_keeps_only_the_chosen_form(monkeypatch):
     def fake_times(layer, x2, candidates, reps=3):
         calls.append(candidates)
         for p in candidates:  # what real timing does: each form's tensors get built
-            layer._fast.derived(layer, p)
+            layer.fast_path.derived(layer, p)
         return {p: (1.0 if p == "transposed" else 5.0) for p in candidates}
 
     monkeypatch.setattr(losparse.forms, "time_forms", fake_times)
@@ -332,14 +332,14 @@ def test_timed_choice_per_shape_class_keeps_only_the_chosen_form(monkeypatch):
         a(x)
         b(x)
     assert len(calls) == 1 and a.last_path == b.last_path == "transposed"
-    assert set(a._fast.tensors) == {"transposed"}  # the timed, unchosen forms are freed
+    assert set(a.fast_path.tensors) == {"transposed"}  # the timed, unchosen forms are freed
     torch.testing.assert_close(a(x).double(), _reference(a, x), rtol=1e-5, atol=1e-5)
     c = _layer(in_f=40, out_f=48, rank=5, keep_rows=list(range(0, 48, 4)), seed=3)
     utils.prune(nn.Sequential(c))  # another model: a memo of its own (no process-wide state)
     c.eval().path_choice = "timed"
     with torch.no_grad():
         c(x)
-    assert len(calls) == 2 and c._fast.timings is not a._fast.timings and a._fast.timings is b._fast.timings
+    assert len(calls) == 2 and c.fast_path.timings is not a.fast_path.timings and a.fast_path.timings is b.fast_path.timings
 
 
 def test_timed_choice_takes_rank_0s_decision(monkeypatch):
@@ -371,13 +371,13 @@ def test_setting_prefer_or_compact_path_takes_effect():
     x = torch.randn(64, 40)
     with torch.no_grad():
         layer(x)
-        assert layer.last_path == "merged" and "merged" in layer._fast.tensors
+        assert layer.last_path == "merged" and "merged" in layer.fast_path.tensors
         layer.prefer = "memory"  # no other call needed
         layer(x)
-        assert layer.last_path != "merged" and "merged" not in layer._fast.tensors
+        assert layer.last_path != "merged" and "merged" not in layer.fast_path.tensors
         layer.compact_path = "onehot"
         layer(x)
-        assert layer.last_path == "onehot" and set(layer._fast.tensors) == {"onehot"}
+        assert layer.last_path == "onehot" and set(layer.fast_path.tensors) == {"onehot"}
         layer.compact_path = None
         layer.prefer = "speed"
         layer(x)

@@ -499,7 +499,7 @@ def test_load_compact_checks_forms_first_and_shares_one_timing_memo(tmp_path):
     utils.prune(m)
     out = utils.export_compact(m, tmp_path / "compact")
     reloaded = _losparse_layers(utils.load_compact(out))
-    assert len(reloaded) == 12 and len({id(l._fast.timings) for l in reloaded.values()}) == 1
+    assert len(reloaded) == 12 and len({id(l.fast_path.timings) for l in reloaded.values()}) == 1
     meta = json.loads((out / utils.COMPACT_CONFIG).read_text())
     name = sorted(meta["layers"])[3]
     meta["layers"][name]["form"] = "sparse"
