@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from .common import logger
 from .substitute import linear_targets
 
+
 @torch.no_grad()
 def collect_input_covariance(model, batches, allow_name=None, block_name=None, names=None, chunk=4096,
                              stop_early=False):

@@ -16,6 +16,7 @@ from .common import clean_name, logger, refuse_sharded, set_submodule, unwrap
 from .compact import share_timed_choices
 from .layer import LinearLoSparse
 
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model; the message lists the keys."""
 

@@ -2,6 +2,7 @@
 ``losparse.config.validate_losparse_args``)."""
 from .config import PRUNER_NAMES, STRUCTURED_DIRECTIONS, STRUCTURED_METHODS, SVD_METHODS
 
+
 def add_losparse_args(parser):
     """Add the LoSparse flags shared by run_glue.py, run_qa.py and run_summarization.py (original defaults)."""
     g = parser.add_argument_group("LoSparse")

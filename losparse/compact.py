@@ -7,6 +7,7 @@ from .common import logger, refuse_sharded
 from .forms import COMPACT_PATHS, TimedChoices, check_prefer
 from .layer import LinearLoSparse
 
+
 def share_timed_choices(module):
     """Give every :class:`LinearLoSparse` of ``module`` one :class:`TimedChoices` (one timing per shape class
     and model)."""

@@ -5,13 +5,9 @@ schedule on construction) and the scripts' flags (``losparse.cli``).
 """
 
 SVD_METHODS = ("full", "randomized", "auto")
-
-
 PRUNER_NAMES = ("PLATON", "Magnitude")
 STRUCTURED_METHODS = ("mean", "sum", "max", "min")
 STRUCTURED_DIRECTIONS = ("row", "col", "row_col")
-
-
 SCHEDULE_KEYS = ("beta1", "beta2", "deltaT", "initial_threshold", "final_threshold", "initial_warmup", "final_warmup",
                   "warmup_steps")
 

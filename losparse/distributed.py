@@ -10,6 +10,7 @@ import torch
 from .common import clean_name, is_sharded, local_part
 from .importance import expand_counts, reduce_scores
 
+
 class Local:
     """One process: every matrix is whole here, every reduction is the identity."""
 

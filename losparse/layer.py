@@ -11,6 +11,7 @@ from torch import nn
 from .common import is_sharded, local_part
 from .forms import COMPACT_FORWARDS, COMPACT_PATHS, PATH_CHOICES, FastPath, check_prefer
 
+
 def merge_pays(rows, in_f, out_f):
     """Training forward: build ``W = L R + S`` when that is cheaper than the low-rank product of the input.
 

@@ -18,6 +18,7 @@ from .decomposition import low_rank_decomposition, whitening
 from .layer import LinearLoSparse
 from .substitute import input_groups, linear_targets
 
+
 @torch.no_grad()
 def one_shot_rows(module, input_cov, kept_fraction, normalize=True):
     """Zero the rows of S that carry the least output energy, so a fraction ``kept_fraction`` of S is kept.

@@ -5,6 +5,7 @@ from pathlib import Path
 from .common import unwrap
 from .layer import LinearLoSparse
 
+
 def _sparse_stored(layer_entry):
     """Stored parameters of a report entry's S: its kept rows, or kept columns for the column form."""
     return layer_entry.get("sparse_params", layer_entry["kept_rows"] * layer_entry["in_features"])

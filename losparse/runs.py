@@ -12,6 +12,7 @@ from pathlib import Path
 from .checkpoint import CheckpointFileError, checkpoint_file_problem
 from .common import logger
 
+
 class RunInputError(ValueError):
     """A flag or an input file that a run cannot use, found before the long work starts. The message is one line
     that names the flag or the file; :func:`one_line_errors` turns it into ``prog: error: ...`` and exit 2."""
