@@ -7,7 +7,7 @@
 # output Fisher of QUICKSTART_CLM_CALIBRATION blocks; one budget shared out over every matrix's rank and kept rows of
 # S by the loss increase, utils.one_shot_allocate), whose perplexity is the "one-shot" column, then fine-tunes it with
 # PLATON at the fraction of S the allocation kept. The default 128 calibration blocks (4,096 tokens) matter at 50 %
-# kept: with 32 the one-shot perplexity is 408 instead of 308, and 16 steps end above the model as loaded (183).
+# kept: with 32 the one-shot perplexity is 408 instead of 308.
 #   bash quickstart_clm.sh                                 # the full run (minutes on 2 idle CPU cores)
 #   bash quickstart.sh clm                                 # the same
 #   QUICKSTART_CLM_MAX_STEPS=6 QUICKSTART_CLM_RATIOS=0.25:0.25 bash quickstart_clm.sh   # a smoke run
