@@ -453,18 +453,20 @@ def world_of_one(tmp_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("method,direction,beta2,pruner_name", [
-    ("mean", "row", 1.0, "PLATON"),  # reduced statistics, scores straight from the flat buffers
-    ("sum", "col", 1.0, "PLATON"),  # reduced column sums (all-reduced)
-    ("max", "col", 0.5, "PLATON"),  # element statistics, column aggregates (all-reduced)
-    ("mean", "row_col", 2.0, "PLATON"),  # rows of query, columns of dense
-    (None, "row", 1.0, "PLATON"),  # unstructured
-    ("min", "col", 1.0, "Magnitude"),
+@pytest.mark.parametrize("method,direction,beta2,pruner_name,keep", [
+    ("mean", "row", 1.0, "PLATON", False),  # reduced statistics, scores straight from the flat buffers
+    ("sum", "col", 1.0, "PLATON", False),  # reduced column sums (all-reduced)
+    ("max", "col", 0.5, "PLATON", False),  # element statistics, column aggregates (all-reduced)
+    ("mean", "row_col", 2.0, "PLATON", False),  # rows of query, columns of dense
+    (None, "row", 1.0, "PLATON", False),  # unstructured
+    ("min", "col", 1.0, "Magnitude", False),
+    ("mean", "row", 1.0, "PLATON", True),  # keep_zero_rows: the held rows gathered from the shards
 ])
-def test_the_three_distributions_give_identical_masks(world_of_one, method, direction, beta2, pruner_name):
-    """One process (``_Local``), DDP (``_Replicated``: rank 0's scores broadcast) and FSDP2 row shards
-    (``_RowShards``: the sparse matrices as ``DTensor`` row shards, each reduction a collective) run the same pruning
-    maths: the same mask thresholds, masks and statistics at every step."""
+def test_the_three_distributions_give_identical_masks(world_of_one, method, direction, beta2, pruner_name, keep):
+    """One process (``Local``), DDP (``Replicated``: rank 0's scores broadcast) and FSDP2 row shards
+    (``RowShards``: the sparse matrices as ``DTensor`` row shards, each reduction a collective) run the same pruning
+    maths: the same mask thresholds, masks and statistics at every step; with ``keep_zero_rows`` the same rows held
+    at zero."""
     import argparse
     import copy
 
@@ -490,6 +492,11 @@ def test_the_three_distributions_give_identical_masks(world_of_one, method, dire
     torch.manual_seed(0)
     base = Net()
     utils.substitute_layer_weights(base, ["query", "dense"], [], parameter_ratio=0.2)
+    held = {"query": [0, 3, 5, 20], "dense": [1, 2]}  # rows removed before training (keep_zero_rows)
+    if keep:
+        with torch.no_grad():
+            for name, rows in held.items():
+                getattr(base, name).sparse.weight[rows] = 0.0
     runs = {}
     for kind in ("local", "replicated", "rows"):
         model = copy.deepcopy(base)
@@ -497,7 +504,7 @@ def test_the_three_distributions_give_identical_masks(world_of_one, method, dire
             for m in (model.query, model.dense):
                 m.sparse.weight = nn.Parameter(distribute_tensor(m.sparse.weight.detach(), mesh, [Shard(0)]))
         pruner = utils.Pruner(model, args, total_step=12, structured_method=method, structured_direction=direction,
-                              pruner_name=pruner_name)
+                              pruner_name=pruner_name, keep_zero_rows=keep)
         assert type(pruner._dist) is (losparse.distributed.RowShards if kind == "rows" else losparse.distributed.Local)
         if kind == "replicated":
             pruner._dist = losparse.distributed.Replicated()
@@ -516,6 +523,10 @@ def test_the_three_distributions_give_identical_masks(world_of_one, method, dire
         runs[kind] = (steps, pruner.state_dict())
     local_steps, local_state = runs["local"]
     assert sum(t is not None for t, _ in local_steps) >= 6
+    if keep:  # every step, every distribution: the held rows are zero (the updates above regrow them)
+        for kind, (steps, state) in runs.items():
+            assert all(bool((w[held[n]] == 0).all()) for _, ws in steps for n, w in zip(("query", "dense"), ws)), kind
+            assert [r.nonzero().flatten().tolist() for r in state["zero_rows"].values()] == list(held.values())
     assert 0 < sum(int((w == 0).sum()) for w in local_steps[-1][1]) < sum(w.numel() for w in local_steps[-1][1])
     for kind in ("replicated", "rows"):
         steps, state = runs[kind]
