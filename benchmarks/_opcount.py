@@ -27,7 +27,10 @@ class OpCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         self.counts[name] += 1
-        if name in GEMM_OPS:
+        if name == "linear":  # a kernel of its own in some modes (CPU inference mode): x (.., k) W^T, W (n x k)
+            x, w = args[0], args[1]
+            self.gemms.append((name, x.numel() // max(1, x.shape[-1]), x.shape[-1], w.shape[0], x.dtype))
+        elif name in GEMM_OPS:
             a, b = (args[1], args[2]) if name in ("addmm", "baddbmm", "_addmm_activation") else (args[0], args[1])
             self.gemms.append((name, a.shape[-2], a.shape[-1], b.shape[-1], a.dtype))
         return func(*args, **kwargs)
