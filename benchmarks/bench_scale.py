@@ -21,6 +21,7 @@ bf16 where the CPU has bf16 matrix instructions (AVX512-BF16 / AMX), else fp32 (
     python benchmarks/bench_scale.py --quick                          # tiny shapes, seconds (the suite runs this)
     python benchmarks/bench_scale.py --threads 2                      # the three 7B shapes (minutes on 2 cores)
     python benchmarks/bench_scale.py --shapes llama2-7b --kept 0.5 --device cuda
+    python benchmarks/bench_scale.py --shapes llama2-7b --form fused             # one form forced for every layer
 
 One JSON line per measurement (``what`` = env | block | speed).
 """
@@ -54,6 +55,9 @@ def parse_args(argv=None):
                    help="Kept fractions of the projections' parameters (half low rank, half rows of S).")
     p.add_argument("--context", type=C.csv(int), default=None, help="KV cache lengths of decode (512,2048).")
     p.add_argument("--prefill", type=int, default=None, help="Prefill tokens (2048; quick 64; 0: none).")
+    p.add_argument("--form", choices=["auto"] + list(utils.COMPACT_PATHS), default="auto",
+                   help="The compacted layers' inference form: auto (the cost model's choice, as utils.prune sets it) "
+                        "or one forced for every layer (compact_path).")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 on CUDA and on CPUs with bf16 matrix instructions, else fp32.")
     args = p.parse_args(argv)
@@ -230,6 +234,9 @@ def measure(args, name, dtype):
                                                                                              dtype=dtype)
     for kept in args.kept:
         block = compact_block(dense, kept, args.seed + 2)
+        if args.form != "auto":
+            for n in PROJECTIONS:
+                block.get_submodule(n).compact_path = args.form
         ref = merged_block(block)
         params = projection_params(block)
         paths = {}
