@@ -37,3 +37,17 @@ def test_bench_scale_quick():
         if r["phase"] == "decode":  # the KV cache is read too: the bound is below 1 / kept
             assert r["context"] == 16 and ratio > r["kept_params"]
             assert r["dense_ops"]["gemms"] == 7 and r["compact_ops"]["kernels"] > 0
+
+
+@pytest.mark.parametrize("form", ["fused", "transposed", "onehot"])
+def test_bench_scale_forced_form(form):
+    """``--form``: every compacted layer runs that form (the tiny shapes pick ``merged`` by themselves), and the
+    block still computes what its merged weights give, with q/k/v biases (Qwen2)."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_scale.py"), "--quick", "--dtype", "fp32",
+                           "--threads", "1", "--warmup", "1", "--reps", "1", "--shapes", "tiny-qwen2", "--kept", "0.5",
+                           "--form", form], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    speed = [json.loads(line) for line in proc.stdout.splitlines() if '"speed"' in line]
+    assert [r["phase"] for r in speed] == ["decode", "prefill"]
+    for r in speed:
+        assert r["paths"] == [form] and r["rel_diff"] <= 1e-6 and r["max_abs_diff"] <= 1e-5, r
