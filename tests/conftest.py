@@ -270,7 +270,7 @@ _EXPECTED_SECONDS = {
     "test_multi_process.py": 130, "test_quickstart.py": 115, "test_fsdp2.py": 110, "test_run_clm.py": 80,
     "test_fast_forward.py": 35, "test_remote_code.py": 23, "test_calibration.py": 130, "test_runs.py": 21,
     "test_run_gpu.py": 20, "test_train_forward.py": 15, "test_pruner.py": 8, "test_compile.py": 12,
-    "test_script_runner.py": 30,
+    "test_script_runner.py": 30, "test_standalone.py": 40, "test_bench_scale.py": 17,
 }
 
 
