@@ -713,17 +713,17 @@ def main(argv=None):
         if args.one_shot and checkpoint_path is None:  # keep --final_threshold of S: the rows with the most output
             utils.one_shot_rows(model, input_cov, args.final_threshold)  # energy, all layers together
         del input_cov
-    if checkpoint_path is not None and not args.no_losparse:  # each layer at the rank and rows of the checkpoint
-        try:
+    if checkpoint_path is not None and allocates:  # each layer at the rank and rows of the checkpoint (the others
+        try:  # have the ranks STEP 1 gives; accelerator.load_state fills every weight)
             utils.load_checkpoint(model, checkpoint_path)
         except (utils.CheckpointMismatchError, utils.CheckpointFileError, FileNotFoundError) as e:
             raise SystemExit(f"run_clm.py: error: --resume_from_checkpoint {checkpoint_path}: {e}")
-        if allocates:  # the Pruner goes on at the fraction of S the allocation kept (its nonzero rows)
-            layers = [m for m in model.modules() if isinstance(m, utils.LinearLoSparse)]
-            kept_s = sum(m.kept_rows * m.in_feature for m in layers)
-            all_s = sum(m.out_feature * m.in_feature for m in layers)
-            args.initial_threshold = args.final_threshold = max(kept_s, 1) / all_s
-            logger.info(f"One-shot allocation of {checkpoint_path}: kept rows of S: {args.final_threshold:.6f} of S")
+        # the Pruner goes on at the fraction of S the allocation kept (its nonzero rows)
+        layers = [m for m in model.modules() if isinstance(m, utils.LinearLoSparse)]
+        kept_s = sum(m.kept_rows * m.in_feature for m in layers)
+        all_s = sum(m.out_feature * m.in_feature for m in layers)
+        args.initial_threshold = args.final_threshold = max(kept_s, 1) / all_s
+        logger.info(f"One-shot allocation of {checkpoint_path}: kept rows of S: {args.final_threshold:.6f} of S")
     if args.eval_checkpoint is not None:
         try:
             utils.load_checkpoint(model, args.eval_checkpoint)
@@ -862,9 +862,9 @@ def main(argv=None):
         # Potentially load in the weights and states from a previous save (checkpoint_path: found before STEP 1)
         if checkpoint_path:
             accelerator.print(f"Resumed from checkpoint: {checkpoint_path}")
-            # utils.load_checkpoint loaded the model strictly in STEP 1; safetensors keeps the empty L and R of a
-            # rank-0 layer (one-shot allocations) once, as shared storage, which accelerate's strict load refuses.
-            accelerator.load_state(checkpoint_path, **({} if args.no_losparse else {"strict": False}))
+            # One-shot allocations: utils.load_checkpoint loaded the model strictly in STEP 1; safetensors keeps the
+            # empty L and R of a rank-0 layer once, as shared storage, which accelerate's strict load refuses.
+            accelerator.load_state(checkpoint_path, **({"strict": False} if allocates else {}))
             completed_steps = train_state.completed_steps
             data_seed = train_state.data_seed
             # Optimizer steps -> (epoch, batches into it): every epoch ends with a (possibly short) accumulation.
