@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm", "_addmm_activation"}
+GEMV_OPS = {"mv", "addmv", "addmv_"}  # matrix-vector products: (op, rows, inner, 1)
 VIEW_OPS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "slice", "select",
             "unsqueeze", "squeeze", "as_strided", "alias", "detach", "split", "split_with_sizes", "unbind",
             "chunk", "narrow", "unflatten", "lift_fresh"}
@@ -16,7 +17,7 @@ VIEW_OPS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "exp
 
 class OpCounter(TorchDispatchMode):
     """``with OpCounter() as c: ...`` then ``c.total``, ``c.kernels`` (ops that are not views), ``c.counts``,
-    ``c.gemms`` (``(op, m, k, n, dtype)`` of every matrix product)."""
+    ``c.gemms`` (``(op, m, k, n, dtype)`` of every matrix product, matrix-vector ones with n = 1)."""
 
     def __init__(self):
         super().__init__()
@@ -30,6 +31,9 @@ class OpCounter(TorchDispatchMode):
         if name == "linear":  # a kernel of its own in some modes (CPU inference mode): x (.., k) W^T, W (n x k)
             x, w = args[0], args[1]
             self.gemms.append((name, x.numel() // max(1, x.shape[-1]), x.shape[-1], w.shape[0], x.dtype))
+        elif name in GEMV_OPS:
+            a = args[0] if name == "mv" else args[1]
+            self.gemms.append((name, a.shape[0], a.shape[1], 1, a.dtype))
         elif name in GEMM_OPS:
             a, b = (args[1], args[2]) if name in ("addmm", "baddbmm", "_addmm_activation") else (args[0], args[1])
             self.gemms.append((name, a.shape[-2], a.shape[-1], b.shape[-1], a.dtype))

@@ -12,6 +12,8 @@ training: low-rank ``--low-rank`` plus the rows of each S with the largest norm 
 Prefill: one forward over ``--batch`` x ``--prompt-len`` tokens that fills the cache. Decode: ``--new-tokens``
 greedy steps of one token per sequence from that cache; tokens/s counts every sequence of the batch. Variants are
 timed interleaved, rep by rep (fair on a noisy shared machine); medians are reported with the ratio to dense.
+``bytes_bound``: the model's parameters, dense over compacted: the speed-up a decode step bounded by reading the
+weights can reach (the KV cache left out; embeddings, norms and ``lm_head`` count, dense in both).
 One JSON line per measurement (``what`` = env | generate).
 """
 import copy
@@ -36,6 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--ratios", type=C.csv(float), default=None,
                    help="Total kept fractions of the substituted matrices, low-rank included (default 0.2,0.5).")
     p.add_argument("--low-rank", type=float, default=0.05, help="Low-rank parameter ratio of each matrix.")
+    p.add_argument("--split", choices=["fixed", "half"], default="fixed",
+                   help="fixed: --low-rank of each matrix in L and R, the rest of each ratio in rows of S; half: half "
+                        "of each ratio in L and R, half in rows of S (the decoder blocks of bench_scale.py).")
     p.add_argument("--dtypes", type=C.csv(str), default=None, help="fp32 (cpu) / bf16 (cuda).")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=None, help="Prompt tokens (cpu 64, cuda 512).")
@@ -52,7 +57,7 @@ def parse_args(argv=None):
     args.prompt_len = args.prompt_len or (512 if cuda else 64)
     args.new_tokens = args.new_tokens or (128 if cuda else 32)
     for r in args.ratios:
-        if not args.low_rank < r <= 1:
+        if args.split == "fixed" and not args.low_rank < r <= 1:
             raise SystemExit(f"--ratios {r}: each must be in (--low-rank {args.low_rank}, 1]")
     return args
 
@@ -83,12 +88,21 @@ def build(args, name):
     raise SystemExit(f"unknown model {name!r}: smollm2 or llama7b")
 
 
-def variants(dense, ratios, low_rank, svd="auto"):
-    original = copy.deepcopy(dense)
-    utils.substitute_layer_weights(original, LLAMA_LIKE, BLOCK, parameter_ratio=low_rank, svd=svd, log_level="IGNORE")
+def variants(dense, ratios, low_rank, svd="auto", split="fixed"):
+    """Compacted copies of ``dense``: ``split="fixed"``: low rank ``low_rank`` and ``ratio - low_rank`` of the rows
+    of S; ``"half"``: low rank ``ratio / 2`` and ``ratio / 2`` of the rows."""
+    original = None
+    if split == "fixed":
+        original = copy.deepcopy(dense)
+        utils.substitute_layer_weights(original, LLAMA_LIKE, BLOCK, parameter_ratio=low_rank, svd=svd,
+                                       log_level="IGNORE")
     out = {"dense": dense}
     for ratio in ratios:
-        m = copy.deepcopy(original)
+        if split == "fixed":
+            m = copy.deepcopy(original)
+        else:
+            m, low_rank = copy.deepcopy(dense), ratio / 2
+            utils.substitute_layer_weights(m, LLAMA_LIKE, BLOCK, parameter_ratio=low_rank, svd=svd, log_level="IGNORE")
         C.keep_top_rows(m, ratio - low_rank)
         utils.prune(m)
         out[f"compact_{ratio:g}"] = m
@@ -146,7 +160,7 @@ def main(argv=None):
         base = build(args, name).eval()
         for dtype_name in args.dtypes:
             dense = copy.deepcopy(base).to(device=args.device, dtype=C.DTYPES[dtype_name])
-            models = variants(dense, args.ratios, args.low_rank)
+            models = variants(dense, args.ratios, args.low_rank, split=args.split)
             vocab = dense.config.vocab_size
             ids = torch.randint(5, vocab, (args.batch, args.prompt_len),
                                 generator=torch.Generator().manual_seed(args.seed)).to(args.device)
@@ -159,7 +173,8 @@ def main(argv=None):
                        layers=dense.config.num_hidden_layers, hidden=dense.config.hidden_size, batch=args.batch,
                        prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                        effective_ratio=round(rep.effective_ratio, 4) if rep.layers else 1.0,
-                       params=C.num_params(m), prefill_ms=round(1e3 * pre, 3),
+                       params=C.num_params(m), bytes_bound=round(C.num_params(dense) / C.num_params(m), 3),
+                       prefill_ms=round(1e3 * pre, 3),
                        decode_tokens_per_s=round(args.batch * args.new_tokens / dec, 3),
                        prefill_speedup=round(d_pre / pre, 3), decode_speedup=round(d_dec / dec, 3))
             del models, dense

@@ -54,7 +54,9 @@ def derive(layer, path):
     r, k = layer.reduced_rank, idx.numel()
     if path == "merged":
         acc = torch.promote_types(L.dtype, torch.float32)  # bf16/fp16 weights: summed in fp32
-        return {"w": torch.mm(L.to(acc), R.to(acc)).index_add_(1 if cols else 0, idx, S.to(acc)).to(L.dtype)}
+        with torch.autocast(L.device.type, enabled=False):  # built in the weights' dtype, cast (if) at the GEMM
+            w = torch.mm(L.to(acc), R.to(acc))
+        return {"w": w.index_add_(1 if cols else 0, idx, S.to(acc)).to(L.dtype)}
     r8, k8 = _ceil8(r), _ceil8(k)
     lpad = torch.cat([L, L.new_zeros(L.shape[0], r8 - r)], dim=1)
     b_col = None if layer.bias is None else layer.bias.detach()[:, None]
@@ -78,11 +80,42 @@ def derive(layer, path):
     return {"rs_t": rs.t(), "l_t": lpad.t(), "r8": r8, "k": k}
 
 
+def _one_token(x):
+    """Whether ``x`` (tokens x in) is one token on the CPU outside autocast: then the forms run matrix-vector
+    products (``torch.mv``), which oneDNN runs at up to 1.5x the bandwidth of a GEMM with one column in bf16."""
+    return x.shape[0] == 1 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+
+
+def _addmv(bias, w, v):
+    return torch.mv(w, v) if bias is None else torch.addmv(bias, w, v)
+
+
+def _fwd_token(x, d, idx, bias):
+    """One token, rows or columns of S (see :func:`_one_token`): the fused and transposed forms' products as
+    matrix-vector products on the same tensors (``rs``/``l`` or their transposed views)."""
+    v = x[0]
+    if d.get("cols"):
+        r = d["r"] if "r" in d else d["r_t"].t()
+        l_ = d["l"] if "l" in d else d["l_t"].t()
+        y = _addmv(bias, l_, torch.mv(r, v))
+        if d["k"]:
+            y.addmv_(d["s"] if "s" in d else d["s_t"].t(), v.index_select(0, idx))
+        return y[None]
+    t = torch.mv(d["rs"] if "rs" in d else d["rs_t"].t(), v)
+    y = _addmv(bias, d["l"] if "l" in d else d["l_t"].t(), t[:d["r8"]])
+    if d["k"]:
+        y.index_add_(0, idx, t[d["r8"]:d["r8"] + d["k"]])
+    return y[None]
+
+
 def _fwd_fused(x, d, idx, bias):
+    if _one_token(x):
+        return _fwd_token(x, d, idx, bias)
     if d.get("cols"):
         y = torch.mm(torch.mm(x, d["r_t"]), d["l_t"]) if bias is None else \
             torch.addmm(bias, torch.mm(x, d["r_t"]), d["l_t"])
-        return y.addmm_(x.index_select(1, idx), d["s_t"]) if d["k"] else y
+        # out of place: under autocast y is bf16/fp16 and an in-place product would not cast its operands
+        return torch.addmm(y, x.index_select(1, idx), d["s_t"]) if d["k"] else y
     t = torch.mm(x, d["rs_t"])
     h = t[:, :d["r8"]]
     y = torch.mm(h, d["l_t"]) if bias is None else torch.addmm(bias, h, d["l_t"])
@@ -92,11 +125,13 @@ def _fwd_fused(x, d, idx, bias):
 
 
 def _fwd_transposed(x, d, idx, bias):
+    if _one_token(x):
+        return _fwd_token(x, d, idx, bias)
     if d.get("cols"):
         h = torch.mm(d["r"], x.t())
         y = torch.mm(d["l"], h) if bias is None else torch.addmm(d["b_col"], d["l"], h)
-        if d["k"]:
-            y.addmm_(d["s"], x.index_select(1, idx).t())
+        if d["k"]:  # out of place, as in the fused form
+            y = torch.addmm(y, d["s"], x.index_select(1, idx).t())
         return y.t().contiguous()
     t = torch.mm(d["rs"], x.t())
     h = t[:d["r8"]]
@@ -107,32 +142,48 @@ def _fwd_transposed(x, d, idx, bias):
 
 
 def _fwd_onehot(x, d, idx, bias):
+    if _one_token(x):
+        return _addmv(bias, d["lp_t"].t(), torch.mv(d["rs_t"].t(), x[0]))[None]
     t = torch.mm(x, d["rs_t"])
     return torch.mm(t, d["lp_t"]) if bias is None else torch.addmm(bias, t, d["lp_t"])
 
 
 def _fwd_merged(x, d, idx, bias):
+    if _one_token(x):
+        return _addmv(bias, d["w"], x[0])[None]
     return F.linear(x, d["w"], bias)
 
 
 COMPACT_FORWARDS = {"fused": _fwd_fused, "transposed": _fwd_transposed, "onehot": _fwd_onehot,
                      "merged": _fwd_merged}
 # Cost model (seconds) per device type: FLOP/s, bytes/s, fixed cost per kernel, cost factor of a scattered
-# (strided) element update relative to a streamed one.
-_MACHINE = {"cpu": (1.0e11, 2.0e10, 4e-6, 4.0), "cuda": (4.0e14, 2.5e12, 6e-6, 16.0)}
+# (strided) element update relative to a streamed one, and the rate of the factored forms' GEMMs (thin inner or
+# output sizes: r, r + k) relative to the dense one's. "cpu-16": 16-bit weights on a CPU, whose bf16 matrix units
+# (AMX, AVX512-BF16) run a dense GEMM at several times the fp32 rate but thin ones at about 60 % of that (a 7B
+# block's prefill: the compacted forms pay from about 60 % kept down; above, the dense product is faster).
+_MACHINE = {"cpu": (1.0e11, 2.0e10, 4e-6, 4.0, 1.0), "cpu-16": (1.0e12, 2.0e10, 4e-6, 4.0, 0.6),
+            "cuda": (4.0e14, 2.5e12, 6e-6, 16.0, 1.0)}
+
+
+def _machine(device_type, elt):
+    if device_type == "cuda":
+        return _MACHINE["cuda"]
+    return _MACHINE["cpu-16" if elt <= 2 else "cpu"]
 
 
 def path_costs(in_f, out_f, r, k, n, elt, device_type, cols=False):
     """Predicted seconds of each path of :data:`COMPACT_PATHS` for ``n`` tokens (FLOPs + bytes moved + kernels).
 
-    ``cols``: the column form (k kept columns of S). Deterministic: a function of the shapes, the element size
-    and the device type only, so every process of a distributed run picks the same forms.
+    ``cols``: the column form (k kept columns of S). ``elt``: bytes per element (2: bf16/fp16, whose CPU rates
+    differ: ``_MACHINE["cpu-16"]``). Deterministic: a function of the shapes, the element size and the device type
+    only, so every process of a distributed run picks the same forms.
     """
-    flops, bw, kernel, scatter = _MACHINE.get(device_type, _MACHINE["cpu"])
+    flops, bw, kernel, scatter, thin = _machine(device_type, elt)
     r8, k8 = _ceil8(r), _ceil8(k)
     rk = r8 + k8
     x, y = n * in_f, n * out_f
     merged = (2 * n * in_f * out_f) / flops + elt * (x + in_f * out_f + y) / bw + kernel
+    flops *= thin  # the factored forms' GEMMs
     onehot = (2 * n * in_f * rk + 2 * n * rk * out_f) / flops + elt * (x + rk * in_f + 2 * n * rk + out_f * rk + y) \
         / bw + 2 * kernel
     if cols:  # x R^T, (.) L^T + b, gather x[:, idx], += x_idx S_cols^T

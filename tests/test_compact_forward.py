@@ -318,3 +318,78 @@ def test_torch_compile_fullgraph_matches_eager():
     c = losparse.forms.path_costs(IN, OUT, RANK, 7, 32, 4, "cpu")
     assert utils.compression_report(compiled).layers[0]["path"] == min(c, key=c.get)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("form", ["rows", "cols"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_one_token_runs_matrix_vector_products(path, form, dtype, has_bias):
+    """One token on the CPU (decode): every form runs ``mv``/``addmv`` (oneDNN's bf16 GEMM with one column reads
+    the weights at about 2/3 of the rate), gives ``L R x + S x + b``, and equals the same token's row of a
+    multi-token call; under autocast the GEMM forms run (``mv`` has no CPU autocast rule) and cast as for
+    ``nn.Linear``."""
+    from test_correctness import _compacted
+    layer = _compacted(form, bias=has_bias, dtype=dtype).eval()
+    layer.compact_path = path
+    ref_w = layer.merged_weight().double()
+    ref_b = None if layer.bias is None else layer.bias.detach().double()
+    g = torch.Generator().manual_seed(3)
+    xs = torch.randn(4, layer.in_feature, generator=g).to(dtype)
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=5e-2)}[dtype]
+    with torch.inference_mode():
+        for x in (xs[:1], xs[0]):  # (1, in) and (in,)
+            layer(x)  # derives the form's tensors (a GEMM for merged) once
+            counts = _ops(lambda: layer(x))
+            assert layer.last_path == path
+            assert counts["mv"] + counts["addmv"] + counts["addmv_"] >= 1
+            assert not counts["mm"] and not counts["addmm"] and not counts["linear"], counts
+            y = layer(x)
+            assert y.shape == (*x.shape[:-1], layer.out_feature) and y.dtype == dtype and y.is_contiguous()
+            torch.testing.assert_close(y.double(), F.linear(x.double(), ref_w, ref_b), **tol)
+        many = layer(xs)
+        assert _ops(lambda: layer(xs))["mv"] == 0
+        torch.testing.assert_close(layer(xs[:1]).double(), many[:1].double(), **tol)
+        # autocast: fp32 weights and input, bf16 products, as nn.Linear does
+        layer32 = _compacted(form, bias=has_bias, dtype=torch.float32).eval()
+        layer32.compact_path = path
+        lin = torch.nn.Linear(layer32.in_feature, layer32.out_feature, bias=has_bias)
+        with torch.no_grad():
+            lin.weight.copy_(layer32.merged_weight())
+            if has_bias:
+                lin.bias.copy_(layer32.bias)
+        x = xs[:1].float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer32(x)
+            counts = _ops(lambda: layer32(x))
+            y, y_lin = layer32(x), lin(x)
+        assert not counts["mv"] and not counts["addmv"] and y.dtype == y_lin.dtype == torch.bfloat16
+        torch.testing.assert_close(y.double(), y_lin.double(), rtol=2e-2, atol=5e-2)
+
+
+def _ops(fn):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from _opcount import OpCounter
+    with OpCounter() as c:
+        fn()
+    return c.counts
+
+
+def test_cost_model_on_16_bit_cpu_weights_falls_back_to_the_dense_product():
+    """bf16 on a CPU: the matrix units run a dense GEMM at several times the rate of the factored forms' thin
+    ones, so a 7B-shape prefill takes the dense product (``merged``) down to 70 % kept and the compacted form at
+    50 %; decode (one token) and fp32 take the compacted form at every fraction, and so does a CUDA prefill."""
+    def pick(in_f, out_f, kept, n, elt, device="cpu"):
+        r, k = round(kept / 2 * in_f * out_f / (in_f + out_f)), round(kept / 2 * out_f)
+        c = losparse.forms.path_costs(in_f, out_f, r, k, n, elt, device)
+        return min(c, key=c.get)
+
+    shapes = [(4096, 4096), (4096, 11008), (11008, 4096)]
+    for in_f, out_f in shapes:
+        for kept in (0.9, 0.8, 0.7):
+            assert pick(in_f, out_f, kept, 2048, 2) == "merged"
+            assert pick(in_f, out_f, kept, 2048, 4) != "merged"
+        assert pick(in_f, out_f, 0.5, 2048, 2) != "merged" and pick(in_f, out_f, 0.7, 2048, 2, "cuda") != "merged"
+        for kept in (0.9, 0.5):
+            assert pick(in_f, out_f, kept, 1, 2) != "merged" and pick(in_f, out_f, kept, 1, 4) != "merged"
+

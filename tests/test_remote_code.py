@@ -312,3 +312,53 @@ def test_load_compact_reads_folders_of_the_previous_format(exported, tmp_path):
     model = exported["models"]["bert"]
     _set_path(model, None)
     assert torch.equal(_forward(utils.load_compact(old), "bert"), _forward(model, "bert"))
+
+
+@pytest.mark.parametrize("form", ["rows", "cols"])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_remote_layer_one_token_and_autocast(form, has_bias):
+    """The shipped layer (``modeling_losparse.LoSparseCompactLinear``): one token on the CPU runs matrix-vector
+    products (decode) and gives the multi-token result; under CPU autocast both forms cast as ``nn.Linear`` (the
+    column form's in-place product refused bf16 output with fp32 weights)."""
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from _opcount import OpCounter
+
+    spec = importlib.util.spec_from_file_location("remote_losparse", REPO / "losparse" / "remote_code" /
+                                                  "modeling_losparse.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    g = torch.Generator().manual_seed(0)
+    in_f, out_f, r, k = 24, 20, 3, 5
+    layer = mod.LoSparseCompactLinear(in_f, out_f, r, kept_rows=k if form == "rows" else 0, has_bias=has_bias,
+                                      kept_cols=k if form == "cols" else 0).eval()
+    S = torch.zeros(out_f, in_f, dtype=torch.float64)
+    idx = torch.randperm(out_f if form == "rows" else in_f, generator=g)[:k].sort().values
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / 4)
+        if form == "rows":
+            layer.nonzero_idx.copy_(idx)
+            S[idx] = layer.sparse_weight_pruned.double()
+        else:
+            layer.nonzero_col_idx.copy_(idx)
+            S[:, idx] = layer.sparse_weight_pruned_cols.double()
+    W = layer.left.weight.double() @ layer.right.weight.double() + S
+    b = None if layer.bias is None else layer.bias.double()
+    xs = torch.randn(3, 2, in_f, generator=g)
+    with torch.inference_mode():
+        many = layer(xs)
+        torch.testing.assert_close(many.double(), torch.nn.functional.linear(xs.double(), W, b), rtol=1e-5,
+                                   atol=1e-5)
+        x = xs[:1, :1]
+        with OpCounter() as c:
+            y = layer(x)
+        assert c.counts["mv"] + c.counts["addmv"] >= 2 and not c.counts["mm"] and not c.counts["addmm"]
+        assert y.shape == (1, 1, out_f)
+        torch.testing.assert_close(y, many[:1, :1], rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with OpCounter() as c:
+                y = layer(x)
+        assert y.dtype == torch.bfloat16 and not c.counts["mv"]
+        torch.testing.assert_close(y.double(), many[:1, :1].double(), rtol=2e-2, atol=3e-2)

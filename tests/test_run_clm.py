@@ -574,6 +574,19 @@ def test_bench_generate_smoke():
     assert gen["compact_0.3"]["params"] < gen["dense"]["params"]
     for r in gen.values():
         assert r["prefill_ms"] > 0 and r["decode_tokens_per_s"] > 0
+        assert r["bytes_bound"] == pytest.approx(gen["dense"]["params"] / r["params"], abs=1e-3)
+    # --split half: half of each ratio in L and R, half in rows of S
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_generate.py"), "--models", "llama7b",
+                           "--layers", "1", "--hidden-size", "64", "--intermediate-size", "128", "--vocab-size", "300",
+                           "--prompt-len", "8", "--new-tokens", "3", "--reps", "1", "--warmup", "0", "--threads", "1",
+                           "--ratios", "0.5,0.9", "--split", "half"], capture_output=True, text=True, timeout=300,
+                          cwd=REPO, env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gen = {r["variant"]: r for r in map(json.loads, proc.stdout.splitlines()) if r["what"] == "generate"}
+    assert set(gen) == {"dense", "compact_0.5", "compact_0.9"}
+    for ratio in (0.5, 0.9):
+        assert gen[f"compact_{ratio:g}"]["effective_ratio"] == pytest.approx(ratio, abs=0.03)
+        assert gen[f"compact_{ratio:g}"]["bytes_bound"] > 1
 
 
 def test_run_clm_fsdp2_matches_one_process(assets):
