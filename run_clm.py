@@ -76,6 +76,16 @@ BLOCK_NAME = ["lm_head", "embed_tokens", "embed_positions", "embed_in", "embed_o
 CONV1D_FAMILIES = ("gpt2", "gpt_bigcode", "imagegpt")
 
 
+def _blocks_per_pass(value):
+    """``--calibration_blocks_per_pass``: ``auto`` or an integer."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0 or auto, got {value!r}") from None
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Finetune and compress (LoSparse) a transformers model on a causal "
                                                  "language modeling task")
@@ -183,11 +193,13 @@ def parse_args(argv=None):
     g.add_argument("--calibration_file", type=str, default=None,
                    help="A txt, csv, json or jsonl file with the calibration text (default: the training file/split; "
                         "the same --text_column).")
-    g.add_argument("--calibration_blocks_per_pass", type=int, default=0,
+    g.add_argument("--calibration_blocks_per_pass", type=_blocks_per_pass, default="auto",
                    help="Streaming calibration for large models (--init calibrated): measure and decompose this many "
                         "decoder blocks per pass over the calibration blocks instead of every layer at once "
-                        "(utils.InputCovariances; same result, peak memory of one group's statistics). 0 (default): "
-                        "one pass.")
+                        "(utils.InputCovariances; same result, peak memory of one group's statistics). 0: one pass; "
+                        "auto (default): one pass when the statistics of every layer take at most half of the memory "
+                        "free on the device after loading the model, else as many blocks per pass as fit in it "
+                        "(utils.blocks_per_pass; at least 1).")
     g.add_argument("--one_shot", action="store_true",
                    help="Compress with no training and report that perplexity before any training. With --init "
                         "calibrated: one budget of (--low_rank_parameter_ratio + --final_threshold) of the replaced "
@@ -335,9 +347,9 @@ def _check_args(parser, args):
             parser.error("--sequential refits the one-shot allocation: pass it with --init calibrated --one_shot")
         if not 0 < args.sequential <= 1:
             parser.error(f"--sequential must be in (0, 1], got {args.sequential}")
-    if args.calibration_blocks_per_pass < 0:
-        parser.error(f"--calibration_blocks_per_pass must be >= 0, got {args.calibration_blocks_per_pass}")
-    if args.calibration_blocks_per_pass and args.init != "calibrated":
+    if args.calibration_blocks_per_pass != "auto" and args.calibration_blocks_per_pass < 0:
+        parser.error(f"--calibration_blocks_per_pass must be >= 0 or auto, got {args.calibration_blocks_per_pass}")
+    if args.calibration_blocks_per_pass not in ("auto", 0) and args.init != "calibrated":
         parser.error("--calibration_blocks_per_pass streams the statistics of --init calibrated; with --init svd "
                      "--one_shot every layer's statistics are needed at once (pass --init calibrated)")
 
@@ -666,10 +678,19 @@ def main(argv=None):
             logger.info(f"Calibration: {len(ids)} blocks of {block_size} tokens")
             step = args.per_device_eval_batch_size
             calib_batches = [ids[i: i + step] for i in range(0, len(ids), step)]
+            per_pass = args.calibration_blocks_per_pass
+            if per_pass == "auto":  # stream when every layer's statistics would take over half the free memory
+                budget = utils.memory_budget(model.device)
+                per_pass = 0 if budget is None or args.init != "calibrated" else \
+                    utils.blocks_per_pass(model, budget, allow_name, block_name)
+                if per_pass:
+                    stats = sum(utils.statistics_bytes(model, allow_name, block_name).values())
+                    logger.info(f"--calibration_blocks_per_pass auto: {per_pass} decoder blocks per pass (the "
+                                f"statistics of every layer, {stats / 2 ** 30:.1f} GiB at most, exceed half of the "
+                                f"{2 * budget / 2 ** 30:.1f} GiB free on {model.device})")
             try:
-                if args.calibration_blocks_per_pass:  # streaming: one group of blocks measured at a time
-                    input_cov = utils.InputCovariances(model, calib_batches, allow_name, block_name,
-                                                       args.calibration_blocks_per_pass)
+                if per_pass:  # streaming: one group of blocks measured at a time
+                    input_cov = utils.InputCovariances(model, calib_batches, allow_name, block_name, per_pass)
                 else:
                     input_cov = utils.collect_input_covariance(model, calib_batches, allow_name, block_name)
                 if allocates:

@@ -11,7 +11,7 @@ The public API, one module per idea (``docs/architecture.md`` draws the map):
 ``importance``     PLATON's importance statistics and scoring maths
 ``distributed``    one process / DDP / FSDP2 row shards for the pruner; ``check_distributed_support``
 ``pruner``         STEP 2 and 3: ``Pruner``, ``cubic_schedule``
-``calibration``    ``collect_input_covariance``, ``InputCovariances``, ``collect_output_fisher``
+``calibration``    ``collect_input_covariance``, ``InputCovariances``, ``collect_output_fisher``, ``blocks_per_pass``
 ``one_shot``       ``one_shot_rows``, ``one_shot_allocate`` (and the sequential refit)
 ``checkpoint``     ``load_checkpoint``, ``save_checkpoint`` (the original key layout)
 ``report``         ``compression_report``
@@ -32,7 +32,8 @@ Public names, signatures and state-dict keys (``left.weight``, ``right.weight``,
 ``sparse_weight_pruned``) are those of the original code (a column-compacted S adds ``sparse_weight_pruned_cols``
 and ``nonzero_col_idx``); differences are listed in docs/differences.md.
 """
-from .calibration import InputCovariances, collect_input_covariance, collect_output_fisher
+from .calibration import (InputCovariances, blocks_per_pass, collect_input_covariance, collect_output_fisher,
+                          memory_budget, statistics_bytes)
 from .checkpoint import CheckpointFileError, CheckpointMismatchError, load_checkpoint, save_checkpoint
 from .cli import add_losparse_args
 from .common import is_sharded, logger
@@ -61,7 +62,8 @@ __all__ = [
     # STEP 2 and 3
     "Pruner", "cubic_schedule",
     # calibration and one-shot compression
-    "collect_input_covariance", "InputCovariances", "collect_output_fisher", "one_shot_rows", "one_shot_allocate",
+    "collect_input_covariance", "InputCovariances", "collect_output_fisher", "statistics_bytes", "blocks_per_pass",
+    "memory_budget", "one_shot_rows", "one_shot_allocate",
     # checkpoints, report, export
     "load_checkpoint", "save_checkpoint", "CheckpointMismatchError", "CheckpointFileError", "compression_report",
     "CompressionReport", "export_compact", "load_compact",

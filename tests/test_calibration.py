@@ -270,6 +270,30 @@ def test_output_fisher_equals_direct_computation():
     assert list(ignored) == ["model.layers.0.mlp.down_proj"] and float(ignored["model.layers.0.mlp.down_proj"].abs().sum()) == 0
 
 
+def test_output_fisher_offloads_the_activations(monkeypatch):
+    """``offload_activations=True`` keeps what the backward pass needs in host memory (``save_on_cpu``: every saved
+    tensor goes through its hooks) and gives the same Fisher bit for bit; off by default on the CPU."""
+    model, data = tiny_llama(), batches()
+    real, entered = torch.autograd.graph.save_on_cpu, []
+
+    class Spy(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pack = self.pack_hook
+
+            def counted(t):
+                entered.append(t.shape)
+                return pack(t)
+            self.pack_hook = counted
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Spy)
+    plain = utils.collect_output_fisher(model, data, LLAMA, BLOCK)
+    assert entered == []  # CPU layers: not offloaded unless asked
+    offloaded = utils.collect_output_fisher(model, data, LLAMA, BLOCK, offload_activations=True)
+    assert len(entered) > 14 * len(data)  # at least one saved tensor per layer and batch went through the hooks
+    assert offloaded.keys() == plain.keys() and all(torch.equal(offloaded[n], plain[n]) for n in plain)
+
+
 def two_sided_error(W, L, R, C, F):
     E = (W.double() - L.double() @ R.double()).detach()
     return float(torch.trace(F.double()[:, None] * E @ C.double() @ E.T))
@@ -567,6 +591,23 @@ def test_input_covariances_stream_one_group_at_a_time_and_stop_early():
         utils.InputCovariances(model, data, LLAMA, BLOCK, blocks_per_pass=0)
 
 
+def test_blocks_per_pass_bounds_the_statistics():
+    """``--calibration_blocks_per_pass auto``: the statistics of a block are bounded by ``in^2`` float64 per layer
+    (the 32-wide tiny LLaMA: 6 layers read 32 features, down_proj 64), and the blocks per pass follow the budget."""
+    model = tiny_llama()
+    per_block = 6 * 32 ** 2 * 8 + 64 ** 2 * 8
+    assert utils.statistics_bytes(model, LLAMA, BLOCK) == {"model.layers.0": per_block, "model.layers.1": per_block}
+    covs = utils.collect_input_covariance(model, batches(), LLAMA, BLOCK)
+    held = sum({id(c): c.numel() * c.element_size() for c in covs.values()}.values())  # shared inputs once
+    assert held <= 2 * per_block
+    assert utils.blocks_per_pass(model, 2 * per_block, LLAMA, BLOCK) == 0  # everything fits: one pass
+    assert utils.blocks_per_pass(model, 2 * per_block - 1, LLAMA, BLOCK) == 1
+    assert utils.blocks_per_pass(model, 10, LLAMA, BLOCK) == 1  # never fewer than one block
+    budget = utils.memory_budget("cpu")
+    assert isinstance(budget, int) and budget > 0
+    assert utils.memory_budget("cpu", fraction=0.25) <= budget
+
+
 def test_streamed_substitution_and_allocation_equal_the_one_pass_result():
     data = batches(n=4)
     ref, streamed = tiny_llama(seed=4), tiny_llama(seed=4)
@@ -723,6 +764,8 @@ def test_run_clm_fine_tune_then_one_shot(clm_assets, tmp_path):
     (["--one_shot", "--calibration_blocks_per_pass", "1"], "--calibration_blocks_per_pass streams the statistics of "
                                                            "--init calibrated"),
     (["--init", "calibrated", "--calibration_blocks_per_pass", "-1"], "--calibration_blocks_per_pass must be >= 0"),
+    (["--init", "calibrated", "--calibration_blocks_per_pass", "many"], "--calibration_blocks_per_pass: must be an "
+                                                                       "integer >= 0 or auto, got 'many'"),
     (["--init", "calibrated", "--sequential", "0.8"], "--sequential refits the one-shot allocation"),
     (["--init", "calibrated", "--one_shot", "--sequential", "0"], r"--sequential must be in (0, 1], got 0.0"),
 ])
