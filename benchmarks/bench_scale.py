@@ -22,8 +22,16 @@ bf16 where the CPU has bf16 matrix instructions (AVX512-BF16 / AMX), else fp32 (
     python benchmarks/bench_scale.py --threads 2                      # the three 7B shapes (minutes on 2 cores)
     python benchmarks/bench_scale.py --shapes llama2-7b --kept 0.5 --device cuda
     python benchmarks/bench_scale.py --shapes llama2-7b --form fused             # one form forced for every layer
+    python benchmarks/bench_scale.py --one-shot --threads 2          # the one-shot path per block, and projected
 
-One JSON line per measurement (``what`` = env | block | speed).
+``--one-shot`` (``_scale_one_shot.py``): the one-shot compression of ``run_clm.py --init calibrated --one_shot
+[--sequential]`` (streaming statistics, output Fisher, decompositions, error tables, allocation, build, sequential
+refit) on ``--one-shot-blocks`` decoder blocks of each shape with ``--calib-tokens`` tokens, stage by stage (time,
+peak memory, the bytes of every buffer it keeps), then projected to Llama-3.2-1B, LLaMA-2-7B, Llama-3-8B and
+Llama-3-70B (bfloat16, 128 x 2048 calibration tokens; rows ``projection``, a markdown table on stderr).
+
+One JSON line per measurement (``what`` = env | block | speed; with ``--one-shot``: env | one_shot_block |
+one_shot_stage | one_shot_buffers | one_shot_rates | projection | projection_model).
 """
 import copy
 import math
@@ -40,6 +48,7 @@ SHAPES = {
     "llama2-7b": ("llama", 4096, 11008, 32, 32, False),
     "llama3-8b": ("llama", 4096, 14336, 32, 8, False),
     "qwen2.5-7b": ("qwen2", 3584, 18944, 28, 4, True),
+    "llama-1k": ("llama", 1024, 3584, 16, 4, False),  # a medium trial (--one-shot on a laptop)
     "tiny": ("llama", 64, 176, 4, 2, False),
     "tiny-qwen2": ("qwen2", 56, 152, 4, 2, True),
 }
@@ -60,10 +69,27 @@ def parse_args(argv=None):
                         "or one forced for every layer (compact_path).")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 on CUDA and on CPUs with bf16 matrix instructions, else fp32.")
+    p.add_argument("--one-shot", action="store_true",
+                   help="Measure the one-shot compression path per block and project it to whole models.")
+    p.add_argument("--calib-tokens", default=None,
+                   help="--one-shot: calibration SEQUENCESxLENGTH (4x2048; quick 2x32; the recipe is 128x2048).")
+    p.add_argument("--calib-batch", type=int, default=1, help="--one-shot: sequences per batch (1).")
+    p.add_argument("--one-shot-blocks", type=int, default=2,
+                   help="--one-shot: decoder blocks of the measured model (2: the statistics stream, as in a model).")
+    p.add_argument("--budget", type=float, default=0.5,
+                   help="--one-shot: kept fraction of the projections' parameters.")
+    p.add_argument("--sequential-damp", type=float, default=0.8, help="--one-shot: the --sequential D of the refit.")
     args = p.parse_args(argv)
     C.setup(args, warmup=(2, 1), reps=(7, 2))
     if args.shapes is None:
-        args.shapes = ["tiny", "tiny-qwen2"] if args.quick else ["llama2-7b", "llama3-8b", "qwen2.5-7b"]
+        args.shapes = (["tiny"] if args.quick else ["llama2-7b", "llama3-8b"]) if args.one_shot else \
+            (["tiny", "tiny-qwen2"] if args.quick else ["llama2-7b", "llama3-8b", "qwen2.5-7b"])
+    if args.one_shot:
+        import _scale_one_shot
+
+        args.calib_tokens = _scale_one_shot.parse_tokens(args.calib_tokens or ("2x32" if args.quick else "4x2048"))
+        if args.one_shot_blocks < 1 or args.calib_batch < 1 or not 0 < args.budget <= 1:
+            raise SystemExit("--one-shot-blocks and --calib-batch must be >= 1, --budget in (0, 1]")
     unknown = [s for s in args.shapes if s not in SHAPES]
     if unknown:
         raise SystemExit(f"--shapes: unknown {unknown}; allowed values are {', '.join(SHAPES)}")
@@ -280,6 +306,10 @@ def measure(args, name, dtype):
 def main(argv=None):
     args = parse_args(argv)
     C.emit_env(args, "bench_scale.py")
+    if args.one_shot:
+        import _scale_one_shot
+
+        return _scale_one_shot.main(args, SHAPES, pick_dtype)
     for name in args.shapes:
         measure(args, name, pick_dtype(args))
 

@@ -89,17 +89,23 @@ def fisher_svds(targets, input_cov, output_fisher):
     return out
 
 
-def allocation_table(U, S, ranks, rows=True):
+def allocation_table(U, S, ranks, rows=True, dtype=torch.float64, chunk=1024):
     """``(E, res)``: ``res[j, i]`` the weighted energy of row i of ``A - A_r`` (``A = U diag(S) Vh``, r = ranks[j]);
-    ``E[j, k]`` the weighted error with rank ``ranks[j]`` and the ``k`` rows of largest ``res[j]`` kept exactly."""
-    P = U.double() ** 2 * S.double() ** 2  # energy of component k in row i
-    tail = torch.cat([P.flip(1).cumsum(1).flip(1), torch.zeros_like(P[:, :1])], dim=1).clamp_min(0)
-    res = tail[:, ranks].mT.contiguous()  # G x H
+    ``E[j, k]`` the weighted error with rank ``ranks[j]`` and the ``k`` rows of largest ``res[j]`` kept exactly.
+    Computed in float64, ``chunk`` rows of ``U`` at a time (the per-row energies are never all held at once);
+    ``E`` is returned in ``dtype`` (:func:`one_shot_allocate` keeps float32 tables, half the memory), ``res`` in
+    float64."""
+    res = torch.empty(len(ranks), U.shape[0], dtype=torch.float64, device=U.device)  # G x H
+    S2 = S.double() ** 2
+    for s in range(0, U.shape[0], chunk):
+        P = U[s:s + chunk].double() ** 2 * S2  # energy of component k in row i
+        tail = torch.cat([P.flip(1).cumsum(1).flip(1), torch.zeros_like(P[:, :1])], dim=1).clamp_min(0)
+        res[:, s:s + chunk] = tail[:, ranks].mT
     total = res.sum(1, keepdim=True)
     if not rows:
-        return total, res
+        return total.to(dtype), res
     kept = torch.cat([torch.zeros_like(total), res.sort(dim=1, descending=True).values.cumsum(1)], dim=1)
-    return (total - kept).clamp_min(0), res
+    return (total - kept).clamp_min(0).to(dtype), res
 
 
 def allocate(tables, budget, fill=True, iters=80):
@@ -155,7 +161,7 @@ def allocate(tables, budget, fill=True, iters=80):
                     if jj < E.shape[0] and kk < E.shape[1]:
                         dc = at(cost, jj, kk) - at(cost, j, k)
                         if 0 < dc <= budget - total:
-                            ratio = float(E[j, k] - E[jj, kk]) / dc
+                            ratio = (float(E[j, k]) - float(E[jj, kk])) / dc
                             if best is None or ratio > best[0]:  # gains are >= 0 (up to rounding)
                                 best = (ratio, i, jj, kk, dc)
             if best is None:
@@ -416,13 +422,17 @@ def one_shot_allocate(module, input_cov, output_fisher, kept_fraction, allow_nam
     term keeps the refit from overfitting the calibration tokens), solved exactly over the layer's form as the fit
     of ``W_eff = W N M^-1`` whitened by ``M = (1 - a) E[x~ x~^T] + a E[x x^T]`` (``N = (1 - a) E[x x~^T] + a E[x
     x^T]``; kept rows of S then hold rows of ``W_eff``). Costs about ten forward passes over the batches plus a
-    second SVD per layer; memory: the hidden states entering the blocks, twice (original and compressed).
+    second SVD per layer; memory: the hidden states entering the blocks, twice (original and compressed), in the
+    model's dtype on its device (``2 * tokens * hidden * 2`` bytes in bfloat16: 4.3 GB for 128 x 2048 tokens of
+    LLaMA-7B), and one group's three ``in x in`` float64 statistics with their two whitenings (the refit's and the
+    SVD's: about a dozen ``in x in`` float64 matrices at the peak, 1.6 GB each for a 14336-wide input).
 
     Memory: with a dict ``input_cov`` the full SVDs of all layers are held at once (3x
     the weights); with an :class:`InputCovariances` (streaming) one group's statistics and SVDs at a time, and
-    the error tables of all layers (``(min(in, out)/rank_multiple + 1) * (out + 1)`` float64 per layer: 17-45 MB
-    per LLaMA-7B matrix, 5.6 GB of CPU memory for the model): each group is measured and decomposed twice, once
-    for the tables and once (last group first) to build its layers; the result equals the one of the dict.
+    the error tables of all layers (``(min(in, out)/rank_multiple + 1) * (out + 1)`` float32 per layer, computed in
+    float64: 8-23 MB per LLaMA-7B matrix, 2.8 GB of CPU memory for the model, freed once the allocation is chosen):
+    each group is measured and decomposed twice, once for the tables and once (last group first) to build its
+    layers; the result equals the one of the dict.
 
     :return: ``{"budget", "stored", "total_entries", "weighted_error", "weighted_error_before_refit",
               "layers": [{"name", "rank", "kept_rows", "in_features", "out_features"}]}``.
@@ -465,7 +475,7 @@ def one_shot_allocate(module, input_cov, output_fisher, kept_fraction, allow_nam
             q = dec[n]["S"].numel()
             ranks = (torch.unique(torch.cat([torch.arange(0, q, rank_multiple), torch.tensor([q])]))
                      if "lowrank" in parts else torch.zeros(1, dtype=torch.long))
-            E, _ = allocation_table(dec[n]["U"].cpu(), dec[n]["S"].cpu(), ranks, rows)
+            E, _ = allocation_table(dec[n]["U"].cpu(), dec[n]["S"].cpu(), ranks, rows, dtype=torch.float32)
             tables[n] = (E, ranks, H + Win, Win + 1)
         if not stream:
             svds = dec
@@ -475,12 +485,14 @@ def one_shot_allocate(module, input_cov, output_fisher, kept_fraction, allow_nam
     choice, stored, lam = allocate([tables[n] for n in names], budget)
     choice = dict(zip(names, choice))
     before = sum(float(tables[n][0][j, k]) for n, (j, k) in choice.items())
+    ranks_of = {n: tables[n][1] for n in names}
+    del tables  # the error tables are not needed any more: freed before the build and the sequential refit
     after, layers, built = 0.0, {}, {}
     for group, source in reversed(groups):  # pass 2: build, last group first (the earlier inputs stay as measured)
         dec = decompose(group, source) if stream else svds
         for n in group:
             j, k = choice[n]
-            r = int(tables[n][1][j])
+            r = int(ranks_of[n][j])
             layer, err = _allocated_layer(linears[n], dec[n], r, k, refit, rows)
             after += err
             set_submodule(module, n, layer)

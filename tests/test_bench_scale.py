@@ -51,3 +51,67 @@ def test_bench_scale_forced_form(form):
     assert [r["phase"] for r in speed] == ["decode", "prefill"]
     for r in speed:
         assert r["paths"] == [form] and r["rel_diff"] <= 1e-6 and r["max_abs_diff"] <= 1e-5, r
+
+
+def test_bench_scale_one_shot_quick():
+    """``--one-shot``: the one-shot path (streaming statistics, output Fisher, decompositions, error tables,
+    allocation, build, sequential refit) on two tiny blocks, every stage timed, the buffers it keeps of exactly the
+    sizes their formulas give, and the projection of four whole models with its formulas."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_scale.py"), "--one-shot", "--quick",
+                           "--dtype", "fp32", "--threads", "1"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert rows[0]["what"] == "env"
+    block = next(r for r in rows if r["what"] == "one_shot_block")
+    h, i, blocks, tokens = 64, 176, 2, 2 * 32  # tiny (4 heads, 2 KV heads: k, v have 32 outputs), --calib-tokens 2x32
+    assert (block["hidden"], block["intermediate"], block["blocks"], block["calibration_tokens"]) == (h, i, blocks,
+                                                                                                      tokens)
+    stages = {(r["run"], r["stage"]): r for r in rows if r["what"] == "one_shot_stage"}
+    plain = ["forward", "statistics", "output_fisher", "decompositions", "tables", "allocate", "build"]
+    assert set(stages) == {("plain", s) for s in plain} | {("sequential", s) for s in plain if s not in (
+        "forward", "output_fisher")} | {("sequential", "sequential_refit"), ("sequential", "sequential_decompositions")}
+    for r in stages.values():
+        assert r["seconds"] > 0 and r["peak_rss_bytes"] > 0 and r["peak_rss_over_start_bytes"] >= 0, r
+    # streaming: each block's statistics and SVDs twice (the tables, then the build); the refit: one SVD per layer
+    assert stages["plain", "statistics"]["calls"] == stages["plain", "decompositions"]["calls"] == 2 * blocks
+    assert stages["sequential", "sequential_decompositions"]["calls"] == 7 * blocks
+    layers = [(h, h), (32, h), (32, h), (h, h), (i, h), (i, h), (h, i)]  # (out, in)
+    buf = next(r for r in rows if r["what"] == "one_shot_buffers")
+    assert buf["covariance_inputs"] == [h, h, h, i]
+    assert buf["covariance_bytes_per_block"] == buf["k_inv_bytes_per_block"] == 8 * (3 * h * h + i * i)
+    assert buf["fisher_bytes"] == 8 * blocks * sum(o for o, _ in layers)
+    assert buf["svd_factor_bytes"] == {"U": 4 * blocks * sum(o * min(o, n) for o, n in layers),
+                                       "S": 4 * blocks * sum(min(o, n) for o, n in layers),
+                                       "Vh": 4 * blocks * sum(min(o, n) * n for o, n in layers)}
+    assert buf["table_dtype"] == "float32"  # computed in float64, kept in float32
+    assert buf["table_shapes"] == [[-(-min(o, n) // 8) + 1, o + 1] for o, n in layers] * blocks
+    assert buf["table_bytes"] == 4 * blocks * sum((-(-min(o, n) // 8) + 1) * (o + 1) for o, n in layers)
+    assert buf["hidden_dtype"] == "float32" and buf["hidden_bytes"] == 2 * tokens * h * 4  # original and compressed
+    assert buf["fisher_saved_activation_bytes_per_batch"] > 32 * (4 * h + 3 * i) * 4  # at least the linears' inputs
+    rates = next(r for r in rows if r["what"] == "one_shot_rates")
+    assert rates["stored"] <= rates["budget"] and rates["weighted_error_sequential"] > 0
+    assert all(rates[k] > 0 for k in ("forward_s_per_block_token", "fisher_s_per_block_token",
+                                      "decomposition_s_per_block_pass", "saved_activation_bytes_per_block_token"))
+    proj = [r for r in rows if r["what"] == "projection"]
+    models = {r["model"]: r for r in rows if r["what"] == "projection_model"}
+    params = {"Llama-3.2-1B": 1_235_814_400, "LLaMA-2-7B": 6_738_415_616, "Llama-3-8B": 8_030_261_248,
+              "Llama-3-70B": 70_553_706_496}  # the published parameter counts
+    assert {m: r["params"] for m, r in models.items()} == params
+    for r in proj:
+        assert r["gpu_bytes"] >= 2 * params[r["model"]] and r["gpu_formula"] and r["time_formula"], r
+        assert r["stage"] == "load" or r["seconds"] > 0, r
+        assert "projected from the measured tiny block" in r["source"]
+    assert {r["stage"] for r in proj} == {"load", "statistics", "output_fisher", "decompositions", "tables",
+                                          "allocate", "build", "sequential"}
+    assert sum(r["gpu_formula"].startswith("weights_bf16") for r in proj) >= 4 * 5
+    tables = next(r for r in proj if r["model"] == "Llama-3-8B" and r["stage"] == "tables")
+    # the error tables of the 32 blocks, float32 (plus one table's transients), float64 before
+    entries = 32 * sum((-(-min(o, n) // 8) + 1) * (o + 1) for o, n in [
+        (4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)])
+    assert 4 * entries < tables["host_bytes"] < 4 * entries * 1.2
+    assert models["Llama-3-8B"]["host_tables_float64_before_bytes"] == 8 * entries
+    for m, r in models.items():
+        assert r["peak_gpu_bytes"] > 2 * params[m] and r["peak_host_bytes"] >= 2 * params[m] and r["seconds"] > 0
+        assert r["fits_24GiB_gpu"] == (r["peak_gpu_bytes"] <= 24 * 2 ** 30)
+    assert not models["Llama-3-70B"]["fits_24GiB_gpu"] and not models["Llama-3-70B"]["fits_32GiB_host"]
+    assert "| stage | Llama-3.2-1B | LLaMA-2-7B | Llama-3-8B | Llama-3-70B |" in proc.stderr
