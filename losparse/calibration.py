@@ -195,7 +195,9 @@ def collect_output_fisher(model, batches, allow_name=None, block_name=None, name
     positions where the batch's ``attention_mask`` of the labels' shape is 0: padding is never a target), so
     ``dLoss/dy`` is each token's own gradient; ``F`` is the mean of its square over the token rows of ``y``,
     padding left out as in :func:`collect_input_covariance` (its gradient is 0 and would dilute the mean). One
-    backward pass per batch (``torch.autograd.grad`` on the layers' outputs; no parameter ``.grad`` is touched). With
+    backward pass per batch, from the loss to the input embeddings' output (``torch.autograd.grad``: no parameter
+    ``.grad`` is touched, no weight gradient computed), each layer's output gradient folded into its sum by a tensor
+    hook as the pass produces it, so no output or gradient is held to the end of the pass. With
     ``C`` from :func:`collect_input_covariance`, ``1/2 sum_i F_i E[((W - W')_i x)^2]`` is the second-order
     loss increase of replacing ``W`` by ``W'``, comparable across layers (:func:`one_shot_allocate`).
 
@@ -209,16 +211,44 @@ def collect_output_fisher(model, batches, allow_name=None, block_name=None, name
     targets = _calibration_targets(model, allow_name, block_name, names, "collect_output_fisher")
     if offload_activations is None:
         offload_activations = targets[0][1].weight.is_cuda
-    sums, counts, outs = {}, {}, []
+    sums, counts, outs, state = {}, {}, [], {"mask": None, "keeps": {}}
+    # The backward pass starts at the input embeddings' output (a leaf that requires grad): every layer's output is
+    # then in the graph, no weight gradient is computed, and each output's gradient is folded into the sums by a
+    # tensor hook as soon as the backward pass produces it (nothing is held per layer). A model without input
+    # embeddings: the layers' weights require grad for the pass and the outputs' gradients come back together.
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    root = {}
+
+    def add(name, g, shape, mask, keeps):
+        g2 = _unpadded(g.detach().reshape(-1, g.shape[-1]), shape, mask, keeps).double()
+        sums[name] += (g2 * g2).sum(0)
 
     def hook(name):
         def fwd(mod, args, out):
-            if out.requires_grad:
-                outs.append((name, out))
+            if not out.requires_grad:
+                return
+            shape, mask, keeps = out.shape[:-1], state["mask"], state["keeps"]
+            if name not in sums:
+                sums[name], counts[name] = torch.zeros(out.shape[-1], dtype=torch.float64, device=out.device), 0
+            keep = token_mask(mask, shape)  # the rows this output adds (padding left out), gradient or not
+            counts[name] += out.numel() // out.shape[-1] if keep is None else int(keep.sum())
+            if emb is not None:
+                out.register_hook(lambda g: add(name, g, shape, mask, keeps))
+            else:
+                outs.append((name, out, shape))
         return fwd
 
-    flags = [(m.weight, m.weight.requires_grad) for _, m in targets]
+    def root_hook(mod, args, out):
+        if torch.is_tensor(out):
+            if not out.requires_grad:
+                out = out.detach().requires_grad_()
+            root["t"] = out
+            return out
+
+    flags = [] if emb is not None else [(m.weight, m.weight.requires_grad) for _, m in targets]
     handles = [m.register_forward_hook(hook(n)) for n, m in targets]
+    if emb is not None:
+        handles.append(emb.register_forward_hook(root_hook))
     was_training = model.training
     model.eval()
     start, tokens = time.perf_counter(), 0
@@ -228,13 +258,14 @@ def collect_output_fisher(model, batches, allow_name=None, block_name=None, name
         with torch.enable_grad():
             for batch in batches:
                 outs.clear()
+                root.clear()
                 if isinstance(batch, dict):
                     inputs = {k: v for k, v in batch.items() if k != "labels"}
                     labels = batch.get("labels", batch.get("input_ids"))
                 else:
                     inputs, labels = {"input_ids": batch}, batch
-                mask, keeps = attention_mask(batch), {}
-                keep = token_mask(mask, labels.shape)
+                state["mask"], state["keeps"] = attention_mask(batch), {}
+                keep = token_mask(state["mask"], labels.shape)
                 if keep is not None:  # pads are no targets (a new tensor: the batch's own labels are left as they are)
                     labels = labels.masked_fill(~keep.to(labels.device).view(labels.shape), -100)
                 with (torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
@@ -242,18 +273,24 @@ def collect_output_fisher(model, batches, allow_name=None, block_name=None, name
                     logits = model(**inputs).logits[:, :-1].float()
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                        ignore_index=-100, reduction="sum")
-                grads = torch.autograd.grad(loss, [o for _, o in outs], allow_unused=True)
-                for (n, o), g in zip(outs, grads):
-                    g2 = torch.zeros_like(o) if g is None else g.detach()
-                    g2 = _unpadded(g2.reshape(-1, g2.shape[-1]), o.shape[:-1], mask, keeps).double()
-                    if n not in sums:
-                        sums[n], counts[n] = torch.zeros(g2.shape[1], dtype=torch.float64, device=g2.device), 0
-                    sums[n] += (g2 * g2).sum(0)
-                    counts[n] += g2.shape[0]
+                del logits
+                if emb is not None:
+                    if "t" not in root:
+                        raise RuntimeError("collect_output_fisher: the input embeddings were not called")
+                    if loss.requires_grad:
+                        torch.autograd.grad(loss, [root["t"]], allow_unused=True)  # the hooks do the sums
+                elif outs:
+                    grads = torch.autograd.grad(loss, [o for _, o, _ in outs], allow_unused=True)
+                    for (n, o, shape), g in zip(outs, grads):
+                        if g is not None:
+                            add(n, g, shape, state["mask"], state["keeps"])
+                    del grads
                 tokens += int((labels[:, 1:] != -100).sum())
-                del logits, loss, grads
+                del loss
+                root.clear()
     finally:
         outs.clear()
+        root.clear()
         for h in handles:
             h.remove()
         for w, flag in flags:

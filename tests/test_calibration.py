@@ -270,6 +270,41 @@ def test_output_fisher_equals_direct_computation():
     assert list(ignored) == ["model.layers.0.mlp.down_proj"] and float(ignored["model.layers.0.mlp.down_proj"].abs().sum()) == 0
 
 
+def test_output_fisher_backward_starts_at_the_embeddings():
+    """The backward pass starts at the input embeddings' output and each layer's gradient is folded in by a tensor
+    hook, so no layer's output or gradient is held to the end of the pass: the same Fisher as the route of a model
+    without input embeddings (weights made to require grad, the outputs' gradients returned together), and
+    nothing left requiring grad."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from _opcount import OpCounter
+
+    model, data = tiny_llama(), batches()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    class NoEmbeddings(torch.nn.Module):  # the same model, without get_input_embeddings
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids):
+            return self.inner(input_ids=input_ids)
+
+    wrapped = NoEmbeddings(model)
+    with OpCounter() as hooked:
+        fisher = utils.collect_output_fisher(model, data, LLAMA, BLOCK)
+    with OpCounter() as returned:
+        ref = utils.collect_output_fisher(wrapped, data, LLAMA, BLOCK)
+    assert list(ref) == ["inner." + n for n in fisher]
+    for n, f in fisher.items():
+        torch.testing.assert_close(f, ref["inner." + n], rtol=1e-10, atol=1e-15)
+    assert not any(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+    gemms = lambda c: sum(c.counts[k] for k in ("mm", "addmm", "bmm", "linear"))  # noqa: E731
+    # no weight gradient either way; the pass from the embeddings adds only the input gradients of the first
+    # block's q, k and v (the other route stops at their outputs)
+    assert gemms(hooked) == gemms(returned) + 3 * len(data), (gemms(hooked), gemms(returned))
+
+
 def test_output_fisher_offloads_the_activations(monkeypatch):
     """``offload_activations=True`` keeps what the backward pass needs in host memory (``save_on_cpu``: every saved
     tensor goes through its hooks) and gives the same Fisher bit for bit; off by default on the CPU."""
