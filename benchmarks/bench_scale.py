@@ -7,8 +7,12 @@ attention). Its seven projections are then replaced by LoSparse layers at each k
 and half rows of S (``r (in + out) = f/2 in out``, ``f/2 out`` kept rows, random), compacted with ``utils.prune``
 (the cost model picks each layer's form), and timed against the dense block in the same run, call by call:
 
+- projections: the seven projections alone on one token (a decode step's matrix-vector products: what LoSparse
+  compresses; bound ``1 / kept``);
 - decode: batch 1, one new token on a KV cache of ``--context`` tokens (cropped back after every step);
 - prefill: ``--prefill`` tokens at once (causal).
+
+The rotary cos/sin are computed before the timed calls (a model computes them once per step for all its blocks).
 
 Beside each time ratio: the bytes ratio that bounds a memory-bound decode step (the block's weights plus the KV cache
 it reads, compact over dense) and the FLOP ratio that bounds a compute-bound prefill (the projections' multiply-adds
@@ -49,6 +53,7 @@ SHAPES = {
     "llama3-8b": ("llama", 4096, 14336, 32, 8, False),
     "qwen2.5-7b": ("qwen2", 3584, 18944, 28, 4, True),
     "llama-1k": ("llama", 1024, 3584, 16, 4, False),  # a medium trial (--one-shot on a laptop)
+    "smollm2": ("llama", 576, 1536, 9, 3, False),  # SmolLM2-135M's block (the whole model: bench_generate.py)
     "tiny": ("llama", 64, 176, 4, 2, False),
     "tiny-qwen2": ("qwen2", 56, 152, 4, 2, True),
 }
@@ -199,20 +204,33 @@ def cache_kwarg(block):
     return "cache" if "cache" in inspect.signature(type(block).forward).parameters else "past_key_values"
 
 
-def decode_step(block, rotary, cache, context, hidden):
-    """One token on a cache of ``context`` tokens; the cache is cropped back to them afterwards."""
-    position = torch.tensor([[context]], device=hidden.device)
-    out = block(hidden, position_embeddings=rotary(hidden, position), use_cache=True, position_ids=position,
-                cache_position=position[0], **{cache_kwarg(block): cache})
+def positions(rotary, hidden, start):
+    """``(position ids, rotary cos/sin)`` of the tokens of ``hidden`` from ``start`` on: a model computes them once
+    per step for all its blocks, so the timed block calls take them ready."""
+    position = torch.arange(start, start + hidden.shape[1], device=hidden.device)[None]
+    return position, rotary(hidden, position)
+
+
+def decode_step(block, pos, cache, hidden):
+    """One token on a cache of ``context`` tokens (``pos = positions(rotary, hidden, context)``); the cache is
+    cropped back to them afterwards."""
+    position, emb = pos
+    out = block(hidden, position_embeddings=emb, use_cache=True, position_ids=position, cache_position=position[0],
+                **{cache_kwarg(block): cache})
     cache.crop(-1)
     return out[0] if isinstance(out, tuple) else out
 
 
-def prefill(block, rotary, hidden):
-    position = torch.arange(hidden.shape[1], device=hidden.device)[None]
-    out = block(hidden, position_embeddings=rotary(hidden, position), position_ids=position,
-                cache_position=position[0])
+def prefill(block, pos, hidden):
+    position, emb = pos
+    out = block(hidden, position_embeddings=emb, position_ids=position, cache_position=position[0])
     return out[0] if isinstance(out, tuple) else out
+
+
+def projections_step(block, x, xi):
+    """The seven projections of one decode step, in the block's order, on one token: q, k, v and o on a hidden-size
+    input ``x``, gate and up on ``x``, down on an intermediate-size input ``xi``. Returns their outputs."""
+    return [block.get_submodule(n)(xi if n == "mlp.down_proj" else x) for n in PROJECTIONS]
 
 
 def filled_cache(block, rotary, config, context, dtype, device, seed):
@@ -267,12 +285,27 @@ def measure(args, name, dtype):
         params = projection_params(block)
         paths = {}
         with torch.inference_mode():
+            # the seven projections alone, one token (what a decode step reads: their weights, bound 1 / kept)
+            xi = (torch.randn(1, config.intermediate_size, generator=g) * 0.5).to(device=device, dtype=dtype)
+            fns = {v: (lambda b=b: projections_step(b, token[0], xi)) for v, b in (("dense", dense), ("compact", block))}
+            diff = [(c.float() - r.float()) for c, r in zip(fns["compact"](), projections_step(ref, token[0], xi))]
+            t = C.time_variants(fns, device, args.warmup, args.reps)
+            ratio = params / dense_params
+            C.emit("speed", shape=name, phase="projections", kept=kept, dtype=str(dtype).split(".")[-1],
+                   dense_ms=t["dense"]["ms"], compact_ms=t["compact"]["ms"],
+                   speedup=round(t["dense"]["ms"] / t["compact"]["ms"], 3), bytes_ratio=round(ratio, 4),
+                   bound=round(1 / ratio, 3), of_bound=round(t["dense"]["ms"] / t["compact"]["ms"] * ratio, 3),
+                   kept_params=round(ratio, 4),
+                   **differences(torch.cat([d.flatten() for d in diff]),
+                                 torch.cat([r.float().flatten() for r in projections_step(ref, token[0], xi)])),
+                   paths=sorted({block.get_submodule(n).last_path for n in PROJECTIONS}))
             for context in args.context:
                 caches = {v: filled_cache(b, rotary, config, context, dtype, device, args.seed + 3)
                           for v, b in (("dense", dense), ("compact", block), ("ref", ref))}
-                fns = {v: (lambda b=b, c=caches[v]: decode_step(b, rotary, c, context, token))
+                pos = positions(rotary, token, context)
+                fns = {v: (lambda b=b, c=caches[v]: decode_step(b, pos, c, token))
                        for v, b in (("dense", dense), ("compact", block))}
-                ref_out = decode_step(ref, rotary, caches["ref"], context, token).float()
+                ref_out = decode_step(ref, pos, caches["ref"], token).float()
                 diff = fns["compact"]().float() - ref_out
                 t = C.time_variants(fns, device, args.warmup, args.reps)
                 kv = kv_bytes(config, context, elt)
@@ -287,8 +320,9 @@ def measure(args, name, dtype):
                        compact_ops=ops_of(fns["compact"]))
                 del caches, fns
             if args.prefill:
-                fns = {"dense": lambda: prefill(dense, rotary, prompt), "compact": lambda: prefill(block, rotary, prompt)}
-                ref_out = prefill(ref, rotary, prompt).float()
+                pos = positions(rotary, prompt, 0)
+                fns = {"dense": lambda: prefill(dense, pos, prompt), "compact": lambda: prefill(block, pos, prompt)}
+                ref_out = prefill(ref, pos, prompt).float()
                 diff = fns["compact"]().float() - ref_out
                 t = C.time_variants(fns, device, max(1, args.warmup // 2), max(1, args.reps // 2))
                 n, hd = args.prefill, config.hidden_size

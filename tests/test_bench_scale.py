@@ -26,17 +26,20 @@ def test_bench_scale_quick():
     assert blocks["tiny-qwen2"]["projection_params"] == 2 * 56 * 56 + 2 * 28 * 56 + 3 * 56 * 152 + 56 + 2 * 28
     speed = [r for r in rows if r["what"] == "speed"]
     assert sorted((r["shape"], r["phase"], r["kept"]) for r in speed) == sorted(
-        (s, p, k) for s in blocks for p in ("decode", "prefill") for k in (0.9, 0.8, 0.7, 0.5))
+        (s, p, k) for s in blocks for p in ("projections", "decode", "prefill") for k in (0.9, 0.8, 0.7, 0.5))
     for r in speed:
         assert r["rel_diff"] <= 1e-6 and r["max_abs_diff"] <= 1e-5, r  # the compacted block computes L R x + S x + b
         assert r["kept_params"] == pytest.approx(r["kept"], abs=0.03) and r["dense_ms"] > 0 < r["compact_ms"]
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["compact_ms"], rel=1e-2)
         assert set(r["paths"]) <= set(utils.COMPACT_PATHS)
-        ratio = r["bytes_ratio"] if r["phase"] == "decode" else r["flop_ratio"]
+        ratio = r["flop_ratio"] if r["phase"] == "prefill" else r["bytes_ratio"]
         assert r["kept_params"] - 0.01 <= ratio <= 1 and r["bound"] == pytest.approx(1 / ratio, rel=1e-2)
         if r["phase"] == "decode":  # the KV cache is read too: the bound is below 1 / kept
             assert r["context"] == 16 and ratio > r["kept_params"]
             assert r["dense_ops"]["gemms"] == 7 and r["compact_ops"]["kernels"] > 0
+        if r["phase"] == "projections":  # the weights alone: the bound is 1 / kept
+            assert r["bytes_ratio"] == r["kept_params"]
+            assert r["of_bound"] == pytest.approx(r["speedup"] * r["kept_params"], rel=2e-2)
 
 
 @pytest.mark.parametrize("form", ["fused", "transposed", "onehot"])
@@ -48,7 +51,7 @@ def test_bench_scale_forced_form(form):
                            "--form", form], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     speed = [json.loads(line) for line in proc.stdout.splitlines() if '"speed"' in line]
-    assert [r["phase"] for r in speed] == ["decode", "prefill"]
+    assert [r["phase"] for r in speed] == ["projections", "decode", "prefill"]
     for r in speed:
         assert r["paths"] == [form] and r["rel_diff"] <= 1e-6 and r["max_abs_diff"] <= 1e-5, r
 
