@@ -8,7 +8,9 @@ and half rows of S (``r (in + out) = f/2 in out``, ``f/2 out`` kept rows, random
 (the cost model picks each layer's form), and timed against the dense block in the same run, call by call:
 
 - projections: the seven projections alone on one token (a decode step's matrix-vector products: what LoSparse
-  compresses; bound ``1 / kept``);
+  compresses; bound ``1 / kept``), also against the dense weights multiplied by ``torch.mv`` (``dense_mv_ms``: on
+  CPUs where ``nn.Linear``'s one-column GEMM is slower than a matrix-vector product, the part of the gain that is
+  not LoSparse's);
 - decode: batch 1, one new token on a KV cache of ``--context`` tokens (cropped back after every step);
 - prefill: ``--prefill`` tokens at once (causal).
 
@@ -288,6 +290,12 @@ def measure(args, name, dtype):
             # the seven projections alone, one token (what a decode step reads: their weights, bound 1 / kept)
             xi = (torch.randn(1, config.intermediate_size, generator=g) * 0.5).to(device=device, dtype=dtype)
             fns = {v: (lambda b=b: projections_step(b, token[0], xi)) for v, b in (("dense", dense), ("compact", block))}
+            # the dense weights through torch.mv (the compacted forms' single-token products): the gain the GEMV
+            # path alone gives, apart from the bytes LoSparse saves (nn.Linear takes a GEMM with one column)
+            weights = [(dense.get_submodule(n).weight, dense.get_submodule(n).bias, n == "mlp.down_proj")
+                       for n in PROJECTIONS]
+            fns["dense_mv"] = lambda: [torch.mv(w, xi[0] if d else token[0, 0]) if b is None else
+                                       torch.addmv(b, w, xi[0] if d else token[0, 0]) for w, b, d in weights]
             diff = [(c.float() - r.float()) for c, r in zip(fns["compact"](), projections_step(ref, token[0], xi))]
             t = C.time_variants(fns, device, args.warmup, args.reps)
             ratio = params / dense_params
@@ -295,7 +303,8 @@ def measure(args, name, dtype):
                    dense_ms=t["dense"]["ms"], compact_ms=t["compact"]["ms"],
                    speedup=round(t["dense"]["ms"] / t["compact"]["ms"], 3), bytes_ratio=round(ratio, 4),
                    bound=round(1 / ratio, 3), of_bound=round(t["dense"]["ms"] / t["compact"]["ms"] * ratio, 3),
-                   kept_params=round(ratio, 4),
+                   kept_params=round(ratio, 4), dense_mv_ms=t["dense_mv"]["ms"],
+                   speedup_vs_dense_mv=round(t["dense_mv"]["ms"] / t["compact"]["ms"], 3),
                    **differences(torch.cat([d.flatten() for d in diff]),
                                  torch.cat([r.float().flatten() for r in projections_step(ref, token[0], xi)])),
                    paths=sorted({block.get_submodule(n).last_path for n in PROJECTIONS}))

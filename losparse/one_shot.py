@@ -73,18 +73,23 @@ def one_shot_rows(module, input_cov, kept_fraction, normalize=True):
 
 
 def fisher_svds(targets, input_cov, output_fisher):
-    """``{name: {"U", "S", "Vh", "K_inv", "d"}}``: full SVD of ``D^1/2 W K`` of every target (shared K computed once)."""
-    whitened, out = {}, {}
+    """``{name: {"U", "S", "Vh", "K_inv", "d"}}``: full SVD of ``D^1/2 W K`` of every target (shared K computed once).
+
+    Layers sharing an input (the same ``C`` object) come one after the other in ``targets`` (q/k/v, gate/up): ``K``
+    is held while they are decomposed and dropped after them (``K_inv`` stays with each result)."""
+    current, out = (None, None), {}
     for name, lin in targets:
         W = lin.weight.detach()
         kw = {}
         if input_cov is not None:
             C = input_cov[name]
-            if id(C) not in whitened:
-                whitened[id(C)] = (C, whitening(C.to(W.device)))
-            kw = {"input_cov": C, "_whitened": whitened[id(C)][1]}
+            if current[0] is not C:
+                current = (None, None)  # the previous input's K is freed before the next one is built
+                current = (C, whitening(C.to(W.device)))
+            kw = {"input_cov": C, "_whitened": current[1]}
         dec = low_rank_decomposition(W, parameter_ratio=1.0, return_dict=True, log_level="IGNORE", svd="full",
-                                     output_fisher=None if output_fisher is None else output_fisher[name], **kw)
+                                     output_fisher=None if output_fisher is None else output_fisher[name],
+                                     _factors_only=True, **kw)
         out[name] = {"U": dec["U"], "S": dec["S"], "Vh": dec["Vh"], "K_inv": dec.get("K_inv"), "d": dec.get("d")}
     return out
 

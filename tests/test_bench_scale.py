@@ -39,6 +39,8 @@ def test_bench_scale_quick():
             assert r["dense_ops"]["gemms"] == 7 and r["compact_ops"]["kernels"] > 0
         if r["phase"] == "projections":  # the weights alone: the bound is 1 / kept
             assert r["bytes_ratio"] == r["kept_params"]
+            assert r["dense_mv_ms"] > 0 and r["speedup_vs_dense_mv"] == pytest.approx(
+                r["dense_mv_ms"] / r["compact_ms"], rel=2e-2)
             assert r["of_bound"] == pytest.approx(r["speedup"] * r["kept_params"], rel=2e-2)
 
 

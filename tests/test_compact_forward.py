@@ -378,7 +378,8 @@ def _ops(fn):
 def test_cost_model_on_16_bit_cpu_weights_falls_back_to_the_dense_product():
     """bf16 on a CPU: the matrix units run a dense GEMM at several times the rate of the factored forms' thin
     ones, so a 7B-shape prefill takes the dense product (``merged``) down to 70 % kept and the compacted form at
-    50 %; decode (one token) and fp32 take the compacted form at every fraction, and so does a CUDA prefill."""
+    50 % (fp32: the dense product at 90 % only); decode (one token) takes the compacted form at every fraction, and
+    so does a CUDA prefill."""
     def pick(in_f, out_f, kept, n, elt, device="cpu"):
         r, k = round(kept / 2 * in_f * out_f / (in_f + out_f)), round(kept / 2 * out_f)
         c = losparse.forms.path_costs(in_f, out_f, r, k, n, elt, device)
@@ -388,7 +389,7 @@ def test_cost_model_on_16_bit_cpu_weights_falls_back_to_the_dense_product():
     for in_f, out_f in shapes:
         for kept in (0.9, 0.8, 0.7):
             assert pick(in_f, out_f, kept, 2048, 2) == "merged"
-            assert pick(in_f, out_f, kept, 2048, 4) != "merged"
+            assert (pick(in_f, out_f, kept, 2048, 4) == "merged") == (kept == 0.9)  # fp32: thin GEMMs at ~85 %
         assert pick(in_f, out_f, 0.5, 2048, 2) != "merged" and pick(in_f, out_f, 0.7, 2048, 2, "cuda") != "merged"
         for kept in (0.9, 0.5):
             assert pick(in_f, out_f, kept, 1, 2) != "merged" and pick(in_f, out_f, kept, 1, 4) != "merged"
