@@ -390,7 +390,7 @@ def project_model(name, spec, src, src_name):
     covs = 8 * tc["acc"]
     act = Tb * (3 * h + 2 * inter) * elt
     sq = tc["max_in"] ** 2 / sc["max_in"] ** 2  # the largest in x in float64 matrices set these stages' peaks
-    dec_gpu = W + max(3 * covs + 4 * tc["factors"] + 8 * tc["max_wk"] + 3 * 8 * tc["max_in"] ** 2,
+    dec_gpu = W + max(2 * covs + 4 * tc["factors"] + 8 * tc["max_wk"] + 2 * 8 * tc["max_in"] ** 2,
                       src["over"].get("decompositions", 0) * sq)
     seq_extra = max(6 * 8 * tc["max_in"] ** 2, (src["over"].get("sequential_refit", 0) - src["hidden_bytes"]) * sq)
     tables32 = L * tc["table_entries"] * 4
@@ -407,16 +407,19 @@ def project_model(name, spec, src, src_name):
             host_formula="-", time_formula="2 passes x tokens x (t_fwd x L(L+1)/2 + t_acc x L): each streamed group "
             "runs blocks 0..g, twice (pass 1 and pass 2); t_fwd ~ block params, t_acc ~ sum(in^2)"),
         "output_fisher": dict(
-            gpu=W + L * (saved + Tb * tc["outs"] * elt) + Tb * V * 16, host=0,
+            gpu=W + saved + Tb * V * 16, host=L * saved,
             seconds=T * r["fisher_s_per_block_token"] * p * (L + V * h / tc["params"]),
-            gpu_formula="weights_bf16 + L x (saved activations x 2048 + 2048 x sum(out) x 2 [hooked outputs]) + "
-            "2048 x vocab x 16 [logits bf16 + fp32 + log-softmax + grad]; batch 1, no checkpointing",
-            host_formula="-", time_formula="tokens x t_fwd+bwd per block-token x (L + vocab x h / block params)"),
+            gpu_formula="weights_bf16 + one block's saved activations x 2048 [unpacked in the backward pass] + "
+            "2048 x vocab x 16 [logits bf16 + fp32 + log-softmax + grad]; batch 1; each layer's output gradient "
+            "summed by a hook as it is produced (none held)",
+            host_formula="L x saved activations x 2048 [collect_output_fisher(offload_activations=None): on CUDA "
+            "the backward pass's activations wait in pinned host memory]",
+            time_formula="tokens x t_fwd+bwd per block-token x (L + vocab x h / block params)"),
         "decompositions": dict(
             gpu=dec_gpu, host=0, seconds=2 * L * r["decomposition_s_per_block_pass"] * s_svd,
-            gpu_formula="weights_bf16 + max(3 x 8 x sum(in^2) [C, K, K^-1 of one block] + 4 x sum(out q + q + q in) "
-            "[U, S, Vh] + 8 x max(out x in) [W K, float64] + 3 x 8 x max(in)^2 [whitening transients], measured peak "
-            "over start x max(in)^2 ratio)",
+            gpu_formula="weights_bf16 + max(2 x 8 x sum(in^2) [C and K^-1 of one block] + 4 x sum(out q + q + q in) "
+            "[U, S, Vh] + 8 x max(out x in) [W K, float64] + 2 x 8 x max(in)^2 [the widest input's damped copy of C "
+            "or K, and K^-1 (solved in place of the identity)], measured peak over start x max(in)^2 ratio)",
             host_formula="-", time_formula="2 passes x L x t_block x (sum min^2 max + sum in^3) ratio"),
         "tables": dict(gpu=dec_gpu, host=tables32 + tab_tr, seconds=L * r["tables_s_per_block"] * tc["table"] / sc[
             "table"], gpu_formula="as decompositions (pass 1 holds the block's SVDs)",

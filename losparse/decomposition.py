@@ -61,7 +61,8 @@ def whitening(input_cov, damp=1e-6):
     del C
     if int(err) != 0:
         raise ValueError("input_cov is not positive semi-definite, even damped by 0.1 * mean(diag)")
-    K_inv = torch.linalg.solve_triangular(K, torch.eye(K.shape[0], dtype=K.dtype, device=K.device), upper=False)
+    eye = torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
+    K_inv = torch.linalg.solve_triangular(K, eye, upper=False, out=eye)  # in place: the identity becomes K^-1
     return K, K_inv, {"fallback": "singular input_cov: damped" if singular else None, "delta": delta}
 
 
