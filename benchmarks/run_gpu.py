@@ -13,6 +13,11 @@ Runs the benchmark scripts of this folder in-process (their ``main(argv)``), sec
 - ``generate``: greedy decoding tokens/s of a 4-layer LLaMA-7B-size model, dense against compacted 10 %, 20 %;
 - ``deberta``: DeBERTa-v3-base b32 x 128 bf16 like ``bert``;
 - ``stack72_compiled``: the 72-linear stack under ``reduce-overhead`` (CUDA graphs) against dense.
+- ``scale``: one Llama-3-8B-shape decoder block, bf16, compacted at 90 / 80 / 70 / 50 % kept: its seven projections
+  on one token, decode on a KV cache of 512 and 2,048 tokens, prefill of 2,048, against the dense block;
+- ``scale_one_shot``: the one-shot pipeline (``run_clm.py --init calibrated --one_shot``'s library calls) on two
+  Llama-3-8B-shape blocks, 16 x 2048 calibration tokens, stage by stage with the peak GPU memory of each, and its
+  projection to Llama-3.2-1B / LLaMA-2-7B / Llama-3-8B / Llama-3-70B.
 
 Each measurement is printed as it comes and appended at once to ``OUT_DIR/figures.jsonl`` (one JSON object per
 line, with its ``section``), and ``OUT_DIR/figures.md`` (a short table and the README's GPU targets) is rewritten
@@ -45,6 +50,7 @@ import torch  # noqa: E402
 import bench_generate  # noqa: E402
 import bench_inference  # noqa: E402
 import bench_pruner  # noqa: E402
+import bench_scale  # noqa: E402
 import bench_svd  # noqa: E402
 import bench_train  # noqa: E402
 
@@ -86,6 +92,12 @@ SECTIONS = {
                          _QUICK_STACKS + ["--skip-models", "--skip-llama", "--dtypes", "bf16", "--ratios", "0.2",
                                           "--skip-original", "--compile-modes", "none,reduce-overhead",
                                           "--compile-backend", "eager"]),
+    # one Llama-3-8B-shape block: decode / prefill of the compacted block, then the one-shot pipeline stage by stage
+    # (peak GPU memory per stage) and its projection to whole models
+    "scale": (bench_scale, ["--shapes", "llama3-8b", "--context", "512,2048"],
+              ["--quick", "--shapes", "tiny", "--kept", "0.5", "--warmup", "0", "--reps", "1"]),
+    "scale_one_shot": (bench_scale, ["--one-shot", "--shapes", "llama3-8b", "--calib-tokens", "16x2048"],
+                       ["--one-shot", "--quick", "--dtype", "fp32"]),
 }
 
 
