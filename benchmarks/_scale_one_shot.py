@@ -60,6 +60,7 @@ def block_costs(h, i, heads, kv):
         "table_entries": sum((math.ceil(min(o, n) / 8) + 1) * (o + 1) for o, n in layers.values()),
         "acc": sum(n * n for n in distinct), "act": 4 * h + 3 * i, "outs": sum(o for o, _ in layers.values()),
         "factors": sum(o * min(o, n) + min(o, n) + min(o, n) * n for o, n in layers.values()),
+        "max_factors": max(o * min(o, n) + min(o, n) + min(o, n) * n for o, n in layers.values()),
         "max_in": max(distinct), "max_wk": max(o * n for o, n in layers.values()),
         "max_uq": max(o * min(o, n) for o, n in layers.values()), "max_q": max(min(o, n) for o, n in layers.values()),
         "max_table": max((math.ceil(min(o, n) / 8) + 1) * (o + 1) for o, n in layers.values()),
@@ -169,10 +170,10 @@ def instrumented(stages, rec):
                                         "bytes": sum(c.numel() * c.element_size() for c in distinct.values())})
         return out
 
-    def svd(targets, input_cov, output_fisher):
+    def svd(targets, input_cov, output_fisher, **kw):
         label = "sequential_decompositions" if stages.top() == "sequential_refit" else "decompositions"
         with stages.stage(label):
-            out = orig["svd"](targets, input_cov, output_fisher)
+            out = orig["svd"](targets, input_cov, output_fisher, **kw)
         if label == "decompositions":
             for n, d in out.items():
                 rec["factors"][n] = {k: d[k].numel() * d[k].element_size() for k in ("U", "S", "Vh")}
@@ -374,8 +375,12 @@ def measure(args, name, shape, dtype):
     for rows in (plain, seq):
         for s_, r_ in rows.items():
             over[s_] = max(over.get(s_, 0), r_.get("cuda_peak_over_start_bytes", r_["peak_rss_over_start_bytes"]))
+    # what one_shot_allocate keeps in host memory on a GPU (fisher_svds(store="cpu")): a block's SVD factors and
+    # K^-1; measured on the host they are part of the peaks above, so the GPU projection takes them out
+    stored = 0 if device.type == "cuda" else (sum(buffers["svd_factor_bytes"].values()) / blocks
+                                              + buffers["k_inv_bytes_per_block"])
     return {"shape": shape, "costs": costs, "rates": rates, "elt": elt, "over": over,
-            "hidden_bytes": buffers["hidden_bytes"]}
+            "hidden_bytes": buffers["hidden_bytes"], "stored_bytes_per_block": stored}
 
 
 # ------------------------------------------------------------------------------------------ projection
@@ -390,8 +395,9 @@ def project_model(name, spec, src, src_name):
     covs = 8 * tc["acc"]
     act = Tb * (3 * h + 2 * inter) * elt
     sq = tc["max_in"] ** 2 / sc["max_in"] ** 2  # the largest in x in float64 matrices set these stages' peaks
-    dec_gpu = W + max(2 * covs + 4 * tc["factors"] + 8 * tc["max_wk"] + 2 * 8 * tc["max_in"] ** 2,
-                      src["over"].get("decompositions", 0) * sq)
+    dec_gpu = W + max(covs + 4 * tc["max_factors"] + 8 * tc["max_wk"] + 2 * 8 * tc["max_in"] ** 2,
+                      (src["over"].get("decompositions", 0) - src["stored_bytes_per_block"]) * sq)
+    stored_host = 4 * tc["factors"] + covs  # one block's factors and K^-1 (8 x sum(in^2), as its C)
     seq_extra = max(6 * 8 * tc["max_in"] ** 2, (src["over"].get("sequential_refit", 0) - src["hidden_bytes"]) * sq)
     tables32 = L * tc["table_entries"] * 4
     tab_tr = 4 * 8 * 1024 * tc["max_q"] + 4 * tc["max_uq"]
@@ -416,15 +422,21 @@ def project_model(name, spec, src, src_name):
             "the backward pass's activations wait in pinned host memory]",
             time_formula="tokens x t_fwd+bwd per block-token x (L + vocab x h / block params)"),
         "decompositions": dict(
-            gpu=dec_gpu, host=0, seconds=2 * L * r["decomposition_s_per_block_pass"] * s_svd,
-            gpu_formula="weights_bf16 + max(2 x 8 x sum(in^2) [C and K^-1 of one block] + 4 x sum(out q + q + q in) "
-            "[U, S, Vh] + 8 x max(out x in) [W K, float64] + 2 x 8 x max(in)^2 [the widest input's damped copy of C "
-            "or K, and K^-1 (solved in place of the identity)], measured peak over start x max(in)^2 ratio)",
-            host_formula="-", time_formula="2 passes x L x t_block x (sum min^2 max + sum in^3) ratio"),
-        "tables": dict(gpu=dec_gpu, host=tables32 + tab_tr, seconds=L * r["tables_s_per_block"] * tc["table"] / sc[
-            "table"], gpu_formula="as decompositions (pass 1 holds the block's SVDs)",
+            gpu=dec_gpu, host=stored_host, seconds=2 * L * r["decomposition_s_per_block_pass"] * s_svd,
+            gpu_formula="weights_bf16 + max(8 x sum(in^2) [one block's C] + 4 x max(out q + q + q in) [one layer's "
+            "U, S, Vh] + 8 x max(out x in) [W K, float64] + 2 x 8 x max(in)^2 [the widest input's damped copy of C "
+            "or K, and K^-1 (solved in place of the identity)], (measured peak over start less the block's factors "
+            "and K^-1, which wait on the host) x max(in)^2 ratio)",
+            host_formula="4 x sum(out q + q + q in) + 8 x sum(in^2) [one block's factors and K^-1: "
+            "fisher_svds(store='cpu')]",
+            time_formula="2 passes x L x t_block x (sum min^2 max + sum in^3) ratio"),
+        "tables": dict(
+            gpu=dec_gpu, host=tables32 + tab_tr + stored_host,
+            seconds=L * r["tables_s_per_block"] * tc["table"] / sc["table"],
+            gpu_formula="as decompositions (pass 1 holds the block's SVDs)",
             host_formula="L x 4 x sum((ceil(q/8)+1)(out+1)) [float32 tables; float64 before: x2] + 8 x 4 x 1024 q "
-            "+ 4 x out q [one table's transients]", time_formula="L x t_block x sum(out q) ratio"),
+            "+ 4 x out q [one table's transients] + one block's factors and K^-1",
+            time_formula="L x t_block x sum(out q) ratio"),
         "allocate": dict(gpu=W, host=tables32 + 8 * tc["max_table"], seconds=r["allocate_s_per_table_entry"]
                          * L * tc["table_entries"], gpu_formula="weights_bf16",
                          host_formula="tables + one float64 table [E + lam cost]",

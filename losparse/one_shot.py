@@ -8,6 +8,7 @@ decoder blocks one by one on captured hidden states.
 import math
 import time
 import types
+import weakref
 
 import torch
 from torch import nn
@@ -72,12 +73,24 @@ def one_shot_rows(module, input_cov, kept_fraction, normalize=True):
     return info
 
 
-def fisher_svds(targets, input_cov, output_fisher):
+def fisher_svds(targets, input_cov, output_fisher, store=None):
     """``{name: {"U", "S", "Vh", "K_inv", "d"}}``: full SVD of ``D^1/2 W K`` of every target (shared K computed once).
 
     Layers sharing an input (the same ``C`` object) come one after the other in ``targets`` (q/k/v, gate/up): ``K``
-    is held while they are decomposed and dropped after them (``K_inv`` stays with each result)."""
-    current, out = (None, None), {}
+    is held while they are decomposed and dropped after them (``K_inv`` stays with each result). ``store``: the
+    device the results are kept on (None: the layers'; ``"cpu"`` moves each to host memory as soon as it is computed,
+    so that a GPU holds one layer's decomposition at a time; a shared ``K_inv`` is moved once)."""
+    current, out, moved = (None, None), {}, {}
+
+    def keep(t):
+        if t is None or store is None:
+            return t
+        ref, copy = moved.get(id(t), (None, None))
+        if ref is None or ref() is not t:  # by weak reference: a freed source's id may come back for another tensor
+            copy = t.to(store)
+            moved[id(t)] = (weakref.ref(t), copy)
+        return copy
+
     for name, lin in targets:
         W = lin.weight.detach()
         kw = {}
@@ -90,7 +103,8 @@ def fisher_svds(targets, input_cov, output_fisher):
         dec = low_rank_decomposition(W, parameter_ratio=1.0, return_dict=True, log_level="IGNORE", svd="full",
                                      output_fisher=None if output_fisher is None else output_fisher[name],
                                      _factors_only=True, **kw)
-        out[name] = {"U": dec["U"], "S": dec["S"], "Vh": dec["Vh"], "K_inv": dec.get("K_inv"), "d": dec.get("d")}
+        out[name] = {key: keep(dec.get(key)) for key in ("U", "S", "Vh", "K_inv", "d")}
+        del dec
     return out
 
 
@@ -181,6 +195,7 @@ def _allocated_layer(lin, d, r, k, refit, rows):
     from ``d`` (the SVD of its whitened weight, :func:`fisher_svds`). Returns ``(layer, weighted error)``."""
     W = lin.weight.detach()
     H, Win = W.shape
+    d = {key: v.to(W.device) if torch.is_tensor(v) else v for key, v in d.items()}  # kept on the host: one at a time
     U, S, Vh = d["U"], d["S"], d["Vh"]
     E, res = allocation_table(U.cpu(), S.cpu(), torch.tensor([r]), rows)
     err = float(E[0, k])
@@ -437,7 +452,9 @@ def one_shot_allocate(module, input_cov, output_fisher, kept_fraction, allow_nam
     the error tables of all layers (``(min(in, out)/rank_multiple + 1) * (out + 1)`` float32 per layer, computed in
     float64: 8-23 MB per LLaMA-7B matrix, 2.8 GB of CPU memory for the model, freed once the allocation is chosen):
     each group is measured and decomposed twice, once for the tables and once (last group first) to build its
-    layers; the result equals the one of the dict.
+    layers; the result equals the one of the dict. On a GPU the SVDs (and ``K^-1``) wait in host memory as soon as
+    each is computed, and the build moves one layer's back at a time: the GPU holds the weights, one group's
+    statistics and one layer's decomposition.
 
     :return: ``{"budget", "stored", "total_entries", "weighted_error", "weighted_error_before_refit",
               "layers": [{"name", "rank", "kept_rows", "in_features", "out_features"}]}``.
@@ -466,11 +483,15 @@ def one_shot_allocate(module, input_cov, output_fisher, kept_fraction, allow_nam
     linears, rows = dict(targets), "rows" in parts
     stream = len(groups) > 1
 
+    # on a GPU the decompositions wait in host memory (the tables are computed there; the build moves one layer's
+    # back at a time): the GPU holds the weights, one group's statistics and one layer's decomposition
+    store = "cpu" if targets[0][1].weight.is_cuda else None
+
     def decompose(group, source):
         if _svds is not None:
             return _svds
         covs = source(group) if callable(source) else source
-        return fisher_svds([(n, linears[n]) for n in group], covs, output_fisher)
+        return fisher_svds([(n, linears[n]) for n in group], covs, output_fisher, store=store)
 
     tables, svds = {}, {}
     for group, source in groups:  # pass 1: the error table of every layer

@@ -39,8 +39,8 @@ def test_bench_scale_quick():
             assert r["dense_ops"]["gemms"] == 7 and r["compact_ops"]["kernels"] > 0
         if r["phase"] == "projections":  # the weights alone: the bound is 1 / kept
             assert r["bytes_ratio"] == r["kept_params"]
-            assert r["dense_mv_ms"] > 0 and r["speedup_vs_dense_mv"] == pytest.approx(
-                r["dense_mv_ms"] / r["compact_ms"], rel=2e-2)
+            assert r["dense_mv_ms"] > 0 and r["speedup_vs_dense_mv"] == pytest.approx(  # ms rounded to 1 us
+                r["dense_mv_ms"] / r["compact_ms"], rel=0.1)
             assert r["of_bound"] == pytest.approx(r["speedup"] * r["kept_params"], rel=2e-2)
 
 
@@ -113,7 +113,10 @@ def test_bench_scale_one_shot_quick():
     # the error tables of the 32 blocks, float32 (plus one table's transients), float64 before
     entries = 32 * sum((-(-min(o, n) // 8) + 1) * (o + 1) for o, n in [
         (4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)])
-    assert 4 * entries < tables["host_bytes"] < 4 * entries * 1.2
+    # and one block's SVD factors (float32) and K^-1 (float64), which wait in host memory on a GPU
+    shapes = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
+    stored = 4 * sum(o * min(o, n) + min(o, n) + min(o, n) * n for o, n in shapes) + 8 * (3 * 4096 ** 2 + 14336 ** 2)
+    assert 4 * entries + stored < tables["host_bytes"] < (4 * entries + stored) * 1.1
     assert models["Llama-3-8B"]["host_tables_float64_before_bytes"] == 8 * entries
     for m, r in models.items():
         assert r["peak_gpu_bytes"] > 2 * params[m] and r["peak_host_bytes"] >= 2 * params[m] and r["seconds"] > 0

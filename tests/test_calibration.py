@@ -1099,3 +1099,25 @@ def test_one_shot_allocate_sequential_ignores_padding():
     worst = max(relative(b.get_submodule(n).merged_weight().detach(), a.get_submodule(n).merged_weight().detach())
                 for n in covs)
     assert worst <= 3e-5, worst
+
+
+def test_fisher_svds_store_keeps_results_elsewhere_and_shares_k_inv():
+    """``fisher_svds(store=...)`` (one_shot_allocate on a GPU: ``"cpu"``) moves each result to ``store`` as soon as
+    it is computed, one copy of a ``K^-1`` that layers share (q/k/v; gate/up), and the same values."""
+    model, data = tiny_llama(), batches()
+    covs = utils.collect_input_covariance(model, data, LLAMA, BLOCK)
+    fisher = utils.collect_output_fisher(model, data, LLAMA, BLOCK)
+    block = [(n, model.get_submodule(n)) for n in covs if n.startswith("model.layers.0.")]
+    here = losparse.one_shot.fisher_svds(block, covs, fisher)
+    meta = losparse.one_shot.fisher_svds(block, covs, fisher, store="meta")
+    p = "model.layers.0."
+    assert all(t.is_meta for d in meta.values() for t in d.values() if t is not None)
+    assert meta[p + "self_attn.q_proj"]["K_inv"] is meta[p + "self_attn.v_proj"]["K_inv"]  # moved once
+    assert meta[p + "mlp.gate_proj"]["K_inv"] is meta[p + "mlp.up_proj"]["K_inv"]
+    assert meta[p + "self_attn.q_proj"]["K_inv"] is not meta[p + "mlp.gate_proj"]["K_inv"]
+    assert len({id(d["K_inv"]) for d in meta.values()}) == 4  # q/k/v, o, gate/up, down
+    for n, d in here.items():
+        assert {k: None if v is None else v.shape for k, v in d.items()} == \
+               {k: None if v is None else v.shape for k, v in meta[n].items()}
+    cpu = losparse.one_shot.fisher_svds(block, covs, fisher, store="cpu")
+    assert all(torch.equal(here[n][k], cpu[n][k]) for n in here for k in ("U", "S", "Vh", "K_inv"))
