@@ -211,7 +211,7 @@ def collect_output_fisher(model, batches, allow_name=None, block_name=None, name
     targets = _calibration_targets(model, allow_name, block_name, names, "collect_output_fisher")
     if offload_activations is None:
         offload_activations = targets[0][1].weight.is_cuda
-    sums, counts, outs, state = {}, {}, [], {"mask": None, "keeps": {}}
+    sums, counts, outs, state = {}, {}, [], {"mask": None, "keeps": {}, "rows": {}}
     # The backward pass starts at the input embeddings' output (a leaf that requires grad): every layer's output is
     # then in the graph, no weight gradient is computed, and each output's gradient is folded into the sums by a
     # tensor hook as soon as the backward pass produces it (nothing is held per layer). A model without input
@@ -230,8 +230,11 @@ def collect_output_fisher(model, batches, allow_name=None, block_name=None, name
             shape, mask, keeps = out.shape[:-1], state["mask"], state["keeps"]
             if name not in sums:
                 sums[name], counts[name] = torch.zeros(out.shape[-1], dtype=torch.float64, device=out.device), 0
-            keep = token_mask(mask, shape)  # the rows this output adds (padding left out), gradient or not
-            counts[name] += out.numel() // out.shape[-1] if keep is None else int(keep.sum())
+            key = (tuple(shape), out.device)  # the rows this output adds (padding left out), gradient or not:
+            if key not in state["rows"]:  # once per batch and shape (no device sync per layer)
+                keep = token_mask(mask, shape)
+                state["rows"][key] = out.numel() // out.shape[-1] if keep is None else int(keep.sum())
+            counts[name] += state["rows"][key]
             if emb is not None:
                 out.register_hook(lambda g: add(name, g, shape, mask, keeps))
             else:
@@ -264,7 +267,7 @@ def collect_output_fisher(model, batches, allow_name=None, block_name=None, name
                     labels = batch.get("labels", batch.get("input_ids"))
                 else:
                     inputs, labels = {"input_ids": batch}, batch
-                state["mask"], state["keeps"] = attention_mask(batch), {}
+                state["mask"], state["keeps"], state["rows"] = attention_mask(batch), {}, {}
                 keep = token_mask(state["mask"], labels.shape)
                 if keep is not None:  # pads are no targets (a new tensor: the batch's own labels are left as they are)
                     labels = labels.masked_fill(~keep.to(labels.device).view(labels.shape), -100)
